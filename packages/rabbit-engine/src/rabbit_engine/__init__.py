@@ -1,0 +1,1 @@
+"""Layer-streaming forward machinery over transformers models."""

@@ -1,0 +1,1 @@
+"""Family adapters for RabbitLLM."""

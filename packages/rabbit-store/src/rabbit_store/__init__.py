@@ -1,0 +1,1 @@
+"""Torch-free checkpoint indexing, layer reads and splitting over fsspec."""

@@ -1,0 +1,1 @@
+"""RabbitLLM: run causal LMs larger than memory by streaming decoder layers."""
