@@ -1,0 +1,63 @@
+"""The memory budget: what stays resident and what streams.
+
+Embeddings, norm and head are always resident (every token needs them); then as many decoder layers
+as fit beside the streaming working set (the layer computing plus the ones being prefetched).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psutil
+import torch
+
+from rabbit_engine.errors import MemoryBudgetError
+from rabbit_engine.options import parse_bytes
+from rabbit_engine.weights import RESIDENT, WeightMap
+
+logger = logging.getLogger(__name__)
+
+AUTO_HEADROOM = 0.15  # leave this share of free memory for activations, the KV cache and the OS
+_GIB = 2**30
+
+
+def resolve_budget(max_memory: int | str | None, device: torch.device) -> int | None:
+    """`None` = stream every layer; "auto" = free RAM (or VRAM) minus a headroom."""
+    if max_memory is None:
+        return None
+    if isinstance(max_memory, str) and max_memory.strip().lower() == "auto":
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+        else:
+            free = psutil.virtual_memory().available
+        return int(free * (1 - AUTO_HEADROOM))
+    return parse_bytes(max_memory, option="max_memory")
+
+
+def plan_residency(weight_map: WeightMap, num_layers: int, budget: int | None, prefetch: int) -> set[int]:
+    """Pick the decoder layers kept resident; raise if not even one layer can stream."""
+    if budget is None:
+        return set()
+    fixed = weight_map.loaded_nbytes(RESIDENT)
+    sizes = [weight_map.loaded_nbytes(i) for i in range(num_layers)]
+    if fixed + sum(sizes) <= budget:
+        logger.info("Memory budget %.2f GiB holds the whole model (%.2f GiB): every layer stays resident.",
+                    budget / _GIB, (fixed + sum(sizes)) / _GIB)
+        return set(range(num_layers))
+    working = (1 + prefetch) * max(sizes, default=0)
+    needed = fixed + max(sizes, default=0)
+    if budget < needed:
+        raise MemoryBudgetError(
+            f"max_memory={budget / _GIB:.2f} GiB cannot hold the resident parts ({fixed / _GIB:.2f} GiB) plus one "
+            f"decoder layer ({max(sizes) / _GIB:.2f} GiB): at least {needed / _GIB:.2f} GiB is needed."
+        )
+    room = budget - fixed - working
+    resident: set[int] = set()
+    for i, size in enumerate(sizes):
+        if size > room:
+            break
+        resident.add(i)
+        room -= size
+    logger.info("Resident: embeddings/norm/head (%.2f GiB) and %d of %d decoder layers; the rest stream.",
+                fixed / _GIB, len(resident), num_layers)
+    return resident

@@ -1,0 +1,49 @@
+"""Reading a checkpoint's config.json into transformers' own config class, safely."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from rabbit_engine.errors import UnsupportedModelError
+from rabbit_store.errors import InvalidCheckpointError, RabbitError
+
+logger = logging.getLogger(__name__)
+
+
+def load_config(source, *, trust_remote_code: bool = False) -> PretrainedConfig:
+    """config.json -> transformers config; remote code only when the caller asked for it."""
+    if not source.exists("config.json"):
+        raise InvalidCheckpointError(
+            f"{source.location}: no config.json; point at a model directory (the one with config.json "
+            "and *.safetensors)."
+        )
+    try:
+        data = source.read_json("config.json")
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise InvalidCheckpointError(f"{source.location}/config.json is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidCheckpointError(f"{source.location}/config.json is not a JSON object.")
+    model_type = data.get("model_type")
+    if not model_type and not data.get("architectures"):
+        raise InvalidCheckpointError(
+            f"{source.location}/config.json names neither 'model_type' nor 'architectures'; "
+            "it is not a transformers model config."
+        )
+    if model_type in CONFIG_MAPPING and "auto_map" not in data:
+        return CONFIG_MAPPING[model_type].from_dict(data)
+    if not trust_remote_code:
+        raise UnsupportedModelError(
+            f"{source.location}: model_type={model_type!r} is not built into transformers and needs the "
+            "checkpoint's own Python code; pass trust_remote_code=True (--trust-remote-code) only if you "
+            "trust its authors."
+        )
+    local = source.local_path("config.json")
+    if local is None:
+        raise RabbitError("trust_remote_code=True needs a local or hub model (its code files must be importable).")
+    import os
+
+    return AutoConfig.from_pretrained(os.path.dirname(local), trust_remote_code=True)

@@ -1,0 +1,107 @@
+"""The streaming loop: bring a decoder layer's weights in just before it runs, drop them after.
+
+Hooks on transformers' own decoder layers are the only seam: the forward pass, masks, positions and
+the KV cache stay transformers'. A single background thread reads (and converts) layers i+1..i+k
+while layer i computes; nothing is garbage-collected or trimmed per layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from rabbit_engine.profiler import Profiler
+from rabbit_engine.weights import RESIDENT, WeightMap
+from rabbit_store import LayerReader
+
+logger = logging.getLogger(__name__)
+
+
+class LayerStreamer:
+    """Owns the hooks, the prefetch thread and which layers hold real weights."""
+
+    def __init__(
+        self,
+        weight_map: WeightMap,
+        reader: LayerReader,
+        layers: Sequence[torch.nn.Module],
+        *,
+        resident_layers: set[int],
+        prefetch: int,
+        profiler: Profiler,
+    ) -> None:
+        self.weight_map = weight_map
+        self.reader = reader
+        self.num_layers = len(layers)
+        self.resident_layers = set(resident_layers)
+        self.prefetch = max(0, min(prefetch, self.num_layers - 1))
+        self.profiler = profiler
+        self._pending: dict[int, Future] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rabbit-prefetch")
+        self._handles = []
+        self.max_loaded = 0  # the most decoder layers that held real weights at once
+        self._loaded: set[int] = set()
+        for i, layer in enumerate(layers):
+            if i in self.resident_layers:
+                continue
+            self._handles.append(layer.register_forward_pre_hook(functools.partial(self._before, i)))
+            self._handles.append(layer.register_forward_hook(functools.partial(self._after, i)))
+
+    # ---- loading -----------------------------------------------------------------------------
+    def _fetch(self, gid: int) -> tuple[Any, dict[str, torch.Tensor]]:
+        keys = self.weight_map.groups[gid].keys
+        with self.profiler.section("read"):
+            raw = self.reader.read(keys)
+        with self.profiler.section("convert"):
+            tensors = self.weight_map.materialize(gid, raw)
+        return raw, tensors
+
+    def load_now(self, gid: int) -> None:
+        raw, tensors = self._fetch(gid)
+        self.weight_map.assign(gid, tensors, raw)
+
+    def load_resident(self) -> None:
+        self.load_now(RESIDENT)
+        for i in sorted(self.resident_layers):
+            self.load_now(i)
+
+    def _schedule_after(self, i: int) -> None:
+        for d in range(1, self.prefetch + 1):
+            j = (i + d) % self.num_layers
+            if j in self.resident_layers or j in self._pending or j in self._loaded:
+                continue
+            self.reader.prefetch(self.weight_map.groups[j].keys)
+            self._pending[j] = self._executor.submit(self._fetch, j)
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def _before(self, i: int, module: torch.nn.Module, args: Any) -> None:
+        future = self._pending.pop(i, None)
+        if future is None:
+            raw, tensors = self._fetch(i)
+        else:
+            with self.profiler.section("wait"):
+                raw, tensors = future.result()
+        self.weight_map.assign(i, tensors, raw)
+        self._loaded.add(i)
+        self._schedule_after(i)
+        self.max_loaded = max(self.max_loaded, len(self._loaded) + len(self._pending))
+
+    def _after(self, i: int, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self.weight_map.release(i)
+        self._loaded.discard(i)
+
+    # ---- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        self._executor.shutdown(wait=True)
+        self.reader.close()

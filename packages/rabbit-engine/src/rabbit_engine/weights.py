@@ -1,0 +1,244 @@
+"""Mapping checkpoint tensors onto the skeleton's parameters, one group (a decoder layer, or the
+resident parts) at a time.
+
+transformers 5 renames and converts checkpoint keys at load time for some families (Mixtral's
+per-expert `w1/w3` become the fused `mlp.experts.gate_up_proj`). We reuse its mapping: keys are renamed
+with `transformers.core_model_loading.rename_source_key` once, at build time. Keys that only need a
+rename take the hot path below (a zero-copy `torch.frombuffer` view, cast only when the dtype differs);
+keys that a `WeightConverter` must combine go through transformers' own
+`convert_and_load_state_dict_in_model`, restricted to that group's tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    convert_and_load_state_dict_in_model,
+    rename_source_key,
+)
+from transformers.modeling_utils import LoadStateDictConfig
+from transformers.utils import logging as hf_logging
+
+from rabbit_engine.errors import WeightMismatchError
+from rabbit_engine.options import SAFETENSORS_DTYPES
+from rabbit_store import CheckpointIndex, TensorInfo
+
+logger = logging.getLogger(__name__)
+
+RESIDENT = -1  # group id of everything outside the decoder-layer list (embeddings, norm, head, ...)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One model tensor filled from exactly one checkpoint tensor (rename only)."""
+
+    key: str  # checkpoint key
+    target: str  # the model's state-dict name
+    module: torch.nn.Module
+    attr: str
+    is_buffer: bool
+    src_dtype: torch.dtype
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # the dtype transformers gave this tensor in the skeleton
+
+
+@dataclass
+class Group:
+    """The tensors read and the module tensors filled together (one decoder layer, or the resident parts)."""
+
+    gid: int
+    keys: list[str] = field(default_factory=list)  # every checkpoint key this group reads
+    slots: list[Slot] = field(default_factory=list)  # rename-only keys
+    converted: list[str] = field(default_factory=list)  # keys a WeightConverter combines
+    targets: dict[str, tuple[torch.nn.Module, str, torch.Tensor]] = field(default_factory=dict)
+    # target name -> (module, attribute, its meta placeholder), to release the weights afterwards
+
+    @property
+    def name(self) -> str:
+        return "the resident parts (embeddings, norm, head)" if self.gid == RESIDENT else f"decoder layer {self.gid}"
+
+
+def _owner(target: str, layers_prefix: str) -> int:
+    if target.startswith(layers_prefix + "."):
+        head = target[len(layers_prefix) + 1 :].split(".", 1)[0]
+        if head.isdigit():
+            return int(head)
+    return RESIDENT
+
+
+def _locate(model: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
+    module_path, _, attr = target.rpartition(".")
+    return (model.get_submodule(module_path) if module_path else model), attr
+
+
+class WeightMap:
+    """Built once per model: which checkpoint keys fill which module tensors, grouped by layer."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        index: CheckpointIndex,
+        *,
+        layers_prefix: str,
+        num_layers: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.index = index
+        self.device = device
+        self.groups: dict[int, Group] = {gid: Group(gid) for gid in [RESIDENT, *range(num_layers)]}
+        self._mapping = get_model_conversion_mapping(model)
+        renamings = [t for t in self._mapping if isinstance(t, WeightRenaming)]
+        converters = [t for t in self._mapping if isinstance(t, WeightConverter)]
+        by_pattern = {p: c for c in converters for p in c.source_patterns}
+        meta_sd = model.state_dict(keep_vars=True)
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+        self.unexpected: list[str] = []
+        covered: set[str] = set()
+
+        for key, info in index.tensors.items():
+            target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
+            if target not in meta_sd and key in meta_sd:
+                target, pattern = key, None
+            if target not in meta_sd:
+                self.unexpected.append(key)
+                continue
+            group = self.groups[_owner(target, layers_prefix)]
+            if group.gid >= num_layers:
+                raise WeightMismatchError(f"{info.file}: tensor {key!r} belongs to layer {group.gid}, "
+                                          f"but the config has {num_layers} layers.")
+            group.keys.append(key)
+            if pattern is not None:
+                group.converted.append(key)
+                conv = by_pattern[pattern]
+                covered.update(target.replace(conv.target_patterns[0], t) for t in conv.target_patterns)
+                continue
+            covered.add(target)
+            expected = meta_sd[target]
+            if tuple(expected.shape) != tuple(info.shape):
+                raise WeightMismatchError(
+                    f"{info.file}: tensor {key!r} has shape {list(info.shape)}, but the config implies "
+                    f"{list(expected.shape)} for {target!r}. Is config.json the one this checkpoint was saved with?"
+                )
+            if info.dtype not in SAFETENSORS_DTYPES:
+                raise WeightMismatchError(f"{info.file}: tensor {key!r} has dtype {info.dtype}, which torch cannot load.")
+            module, attr = _locate(model, target)
+            group.slots.append(Slot(key, target, module, attr, attr in module._buffers,
+                                    SAFETENSORS_DTYPES[info.dtype], tuple(info.shape), expected.dtype))
+
+        if self.unexpected:
+            logger.warning("Ignoring %d checkpoint tensor(s) the model has no place for: %s",
+                           len(self.unexpected), ", ".join(self.unexpected[:8]))
+        for target, tensor in meta_sd.items():
+            if not tensor.is_meta:
+                continue  # a real buffer computed by the model itself (rotary inv_freq...)
+            group = self.groups[_owner(target, layers_prefix)]
+            module, attr = _locate(model, target)
+            group.targets[target] = (module, attr, tensor)
+            if target not in covered and target not in tied:
+                raise WeightMismatchError(
+                    f"The checkpoint has no tensor for {target!r} ({group.name}); "
+                    "the checkpoint is incomplete or was not saved for this config."
+                )
+        # Tied targets (lm_head.weight when tie_word_embeddings) are filled by re-tying, not by a read.
+        for target in tied & set(meta_sd):
+            if target not in covered:
+                self.groups[_owner(target, layers_prefix)].targets.pop(target, None)
+        self._tied_missing = bool(tied - covered)
+
+    # ---- sizes -------------------------------------------------------------------------------
+    def nbytes(self, gid: int) -> int:
+        """Bytes read from storage for this group."""
+        return sum(self.index.tensors[k].nbytes for k in self.groups[gid].keys)
+
+    def loaded_nbytes(self, gid: int) -> int:
+        """Bytes the group's tensors occupy once materialized in the run dtype."""
+        total = 0
+        for _, _, meta in self.groups[gid].targets.values():
+            total += meta.numel() * meta.element_size()
+        return total
+
+    # ---- the hot path ------------------------------------------------------------------------
+    def materialize(self, gid: int, raw: Mapping[str, memoryview], *, non_blocking: bool = False) -> dict[str, torch.Tensor]:
+        """Tensors for the group's rename-only slots: views over `raw`, cast/moved only when needed."""
+        out: dict[str, torch.Tensor] = {}
+        for slot in self.groups[gid].slots:
+            buf = raw[slot.key]
+            if len(buf) == 0:
+                tensor = torch.empty(slot.shape, dtype=slot.src_dtype)
+            else:
+                tensor = torch.frombuffer(buf, dtype=slot.src_dtype).view(slot.shape)
+            if tensor.dtype != slot.dtype or tensor.device != self.device:
+                tensor = tensor.to(device=self.device, dtype=slot.dtype, non_blocking=non_blocking)
+            out[slot.key] = tensor
+        return out
+
+    def assign(self, gid: int, tensors: Mapping[str, torch.Tensor], raw: Mapping[str, memoryview]) -> None:
+        """Put the group's weights into the modules; converter keys go through transformers."""
+        group = self.groups[gid]
+        for slot in group.slots:
+            tensor = tensors[slot.key]
+            if slot.is_buffer:
+                slot.module._buffers[slot.attr] = tensor
+            else:
+                slot.module._parameters[slot.attr] = torch.nn.Parameter(tensor, requires_grad=False)
+        if group.converted:
+            self._convert_with_transformers(group, raw)
+        if gid == RESIDENT and self._tied_missing:
+            self.model.tie_weights()
+
+    def release(self, gid: int) -> None:
+        """Swap the group's weights back for meta placeholders so their memory can go."""
+        for module, attr, meta in self.groups[gid].targets.values():
+            if attr in module._buffers:
+                module._buffers[attr] = meta
+            else:
+                module._parameters[attr] = meta
+
+    def is_loaded(self, gid: int) -> bool:
+        targets = self.groups[gid].targets.values()
+        return any(not getattr(module, attr).is_meta for module, attr, _ in targets)
+
+    # ---- transformers' conversion path -------------------------------------------------------
+    def _convert_with_transformers(self, group: Group, raw: Mapping[str, memoryview]) -> None:
+        state_dict = {}
+        for key in group.converted:
+            info: TensorInfo = self.index.tensors[key]
+            buf = raw[key]
+            dtype = SAFETENSORS_DTYPES[info.dtype]
+            state_dict[key] = torch.frombuffer(buf, dtype=dtype).view(tuple(info.shape)) if len(buf) else torch.empty(
+                tuple(info.shape), dtype=dtype)
+        config = LoadStateDictConfig(device_map={"": str(self.device)}, weight_mapping=self._mapping)
+        with _quiet_transformers():
+            if "tp_plan" in inspect.signature(convert_and_load_state_dict_in_model).parameters:
+                convert_and_load_state_dict_in_model(self.model, state_dict, config, None)  # transformers 5.0.x
+            else:
+                convert_and_load_state_dict_in_model(self.model, state_dict, config)
+        still_meta = [t for t, (m, a, _) in group.targets.items() if getattr(m, a).is_meta]
+        if still_meta:
+            raise WeightMismatchError(
+                f"transformers' weight conversion left {', '.join(still_meta[:4])} unloaded in {group.name}: "
+                "the checkpoint's tensors do not match the shapes this config implies."
+            )
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers draws a 'Loading weights' bar per call; one per streamed layer would be noise."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

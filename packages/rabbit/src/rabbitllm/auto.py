@@ -1,0 +1,81 @@
+"""`AutoModel.from_pretrained`: the one entry point, mirroring transformers' conventions."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from rabbit_engine import load_config, load_streaming_model
+from rabbit_engine.errors import InvalidOptionError
+from rabbit_engine.loader import DEFAULT_PREFETCH
+from rabbit_models import adapter_for
+from rabbit_store import CheckpointIndex, open_source
+
+logger = logging.getLogger(__name__)
+
+
+class AutoModel:
+    """Not instantiated: `from_pretrained` returns transformers' own model class with streaming attached."""
+
+    def __init__(self) -> None:
+        raise TypeError("Use AutoModel.from_pretrained(...)")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        token: str | bool | None = None,
+        hf_token: str | None = None,
+        revision: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        attn_implementation: str | None = "auto",
+        layers_path: str | os.PathLike | None = None,
+        trust_remote_code: bool = False,
+        max_memory: int | str | None = None,
+        prefetch: int = DEFAULT_PREFETCH,
+        profile: bool = False,
+        local_cache: bool | str = False,
+        **kwargs: Any,
+    ) -> PreTrainedModel:
+        """Load `source` (local dir, hub id, or fsspec URL) for layer streaming.
+
+        `layers_path` points at a split directory (`rabbit split`); weights are then read from there
+        while config and generation settings come from `source`. `torch_dtype` is accepted as an
+        alias of `dtype`, like transformers does.
+        """
+        if hf_token is not None:
+            warnings.warn("hf_token= is deprecated; pass token= instead.", FutureWarning, stacklevel=2)
+            token = token or hf_token
+        if "torch_dtype" in kwargs:
+            dtype = dtype or kwargs.pop("torch_dtype")
+        if kwargs:
+            raise InvalidOptionError(
+                f"AutoModel.from_pretrained got unknown option(s): {', '.join(sorted(kwargs))}."
+            )
+        src = open_source(source, revision=revision, token=token, storage_options=storage_options,
+                          local_cache=local_cache)
+        config = load_config(src, trust_remote_code=trust_remote_code)
+        weights_src = src
+        if layers_path is not None:
+            weights_src = open_source(layers_path, token=token, storage_options=storage_options,
+                                      local_cache=local_cache)
+        return load_streaming_model(
+            weights_src,
+            config=config,
+            adapter=adapter_for(config),
+            index=CheckpointIndex.load(weights_src),
+            device=device,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            max_memory=max_memory,
+            prefetch=prefetch,
+            profile=profile,
+        )
