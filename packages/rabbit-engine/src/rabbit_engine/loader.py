@@ -14,6 +14,7 @@ from rabbit_engine.layout import LayoutAdapter
 from rabbit_engine.model import streaming_class
 from rabbit_engine.options import SAFETENSORS_DTYPES, parse_device, parse_dtype
 from rabbit_engine.profiler import Profiler
+from rabbit_engine.staging import CudaStager
 from rabbit_engine.skeleton import build_skeleton, causal_lm_class, move_buffers
 from rabbit_engine.streamer import LayerStreamer
 from rabbit_engine.weights import WeightMap
@@ -68,8 +69,12 @@ def load_streaming_model(
     budget = resolve_budget(max_memory, device)
     resident = plan_residency(weight_map, len(layout.layers), budget, prefetch)
     profiler = Profiler(profile)
+    stager = None
+    if device.type == "cuda":
+        largest = max((weight_map.nbytes(i) for i in range(len(layout.layers))), default=0)
+        stager = CudaStager(device, largest, slots=prefetch + 1)
     streamer = LayerStreamer(weight_map, LayerReader(source, index), layout.layers,
-                             resident_layers=resident, prefetch=prefetch, profiler=profiler)
+                             resident_layers=resident, prefetch=prefetch, profiler=profiler, stager=stager)
     move_buffers(model, device)
     streamer.load_resident()
     model.__class__ = streaming_class(type(model))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from rabbit_engine.profiler import Profiler
+from rabbit_engine.staging import CudaStager
 from rabbit_engine.weights import RESIDENT, WeightMap
 from rabbit_store import LayerReader
 
@@ -34,6 +35,7 @@ class LayerStreamer:
         resident_layers: set[int],
         prefetch: int,
         profiler: Profiler,
+        stager: CudaStager | None = None,
     ) -> None:
         self.weight_map = weight_map
         self.reader = reader
@@ -41,6 +43,7 @@ class LayerStreamer:
         self.resident_layers = set(resident_layers)
         self.prefetch = max(0, min(prefetch, self.num_layers - 1))
         self.profiler = profiler
+        self.stager = stager
         self._pending: dict[int, Future] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rabbit-prefetch")
         self._handles = []
@@ -53,17 +56,23 @@ class LayerStreamer:
             self._handles.append(layer.register_forward_hook(functools.partial(self._after, i)))
 
     # ---- loading -----------------------------------------------------------------------------
-    def _fetch(self, gid: int) -> tuple[Any, dict[str, torch.Tensor]]:
+    def _fetch(self, gid: int, staged: bool = True) -> tuple[Any, dict[str, torch.Tensor], Any]:
         keys = self.weight_map.groups[gid].keys
         with self.profiler.section("read"):
             raw = self.reader.read(keys)
-        with self.profiler.section("convert"):
-            tensors = self.weight_map.materialize(gid, raw)
-        return raw, tensors
+        with self.profiler.section("copy" if self.stager is not None else "convert"):
+            tensors, ready = self.weight_map.materialize(gid, raw, self.stager if staged else None)
+        return raw, tensors, ready
+
+    def _assign(self, gid: int, fetched: tuple[Any, dict[str, torch.Tensor], Any]) -> None:
+        raw, tensors, ready = fetched
+        if ready is not None:  # the compute stream waits for the side-stream copy, the CPU does not
+            torch.cuda.current_stream(self.stager.device).wait_event(ready)
+        self.weight_map.assign(gid, tensors, raw)
 
     def load_now(self, gid: int) -> None:
-        raw, tensors = self._fetch(gid)
-        self.weight_map.assign(gid, tensors, raw)
+        # Resident parts can be larger than a staging buffer: plain synchronous copies.
+        self._assign(gid, self._fetch(gid, staged=False))
 
     def load_resident(self) -> None:
         self.load_now(RESIDENT)
@@ -82,11 +91,11 @@ class LayerStreamer:
     def _before(self, i: int, module: torch.nn.Module, args: Any) -> None:
         future = self._pending.pop(i, None)
         if future is None:
-            raw, tensors = self._fetch(i)
+            fetched = self._fetch(i)
         else:
             with self.profiler.section("wait"):
-                raw, tensors = future.result()
-        self.weight_map.assign(i, tensors, raw)
+                fetched = future.result()
+        self._assign(i, fetched)
         self._loaded.add(i)
         self._schedule_after(i)
         self.max_loaded = max(self.max_loaded, len(self._loaded) + len(self._pending))

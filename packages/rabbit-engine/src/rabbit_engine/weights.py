@@ -31,6 +31,7 @@ from transformers.utils import logging as hf_logging
 
 from rabbit_engine.errors import WeightMismatchError
 from rabbit_engine.options import SAFETENSORS_DTYPES
+from rabbit_engine.staging import CudaStager
 from rabbit_store import CheckpointIndex, TensorInfo
 
 logger = logging.getLogger(__name__)
@@ -169,19 +170,29 @@ class WeightMap:
         return total
 
     # ---- the hot path ------------------------------------------------------------------------
-    def materialize(self, gid: int, raw: Mapping[str, memoryview], *, non_blocking: bool = False) -> dict[str, torch.Tensor]:
-        """Tensors for the group's rename-only slots: views over `raw`, cast/moved only when needed."""
+    def materialize(
+        self, gid: int, raw: Mapping[str, memoryview], stager: CudaStager | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+        """Tensors for the group's rename-only slots, and the CUDA event they are ready at (or None).
+
+        CPU: views over `raw` (zero copy), cast only when the run dtype differs. CUDA with a stager:
+        one pinned, asynchronous transfer per layer on a side stream.
+        """
+        slots = self.groups[gid].slots
+        if stager is not None:
+            staged = stager.stage([(s.key, raw[s.key], s.src_dtype, s.shape, s.dtype) for s in slots])
+            return staged.tensors, staged.ready
         out: dict[str, torch.Tensor] = {}
-        for slot in self.groups[gid].slots:
+        for slot in slots:
             buf = raw[slot.key]
             if len(buf) == 0:
                 tensor = torch.empty(slot.shape, dtype=slot.src_dtype)
             else:
                 tensor = torch.frombuffer(buf, dtype=slot.src_dtype).view(slot.shape)
             if tensor.dtype != slot.dtype or tensor.device != self.device:
-                tensor = tensor.to(device=self.device, dtype=slot.dtype, non_blocking=non_blocking)
+                tensor = tensor.to(device=self.device, dtype=slot.dtype)
             out[slot.key] = tensor
-        return out
+        return out, None
 
     def assign(self, gid: int, tensors: Mapping[str, torch.Tensor], raw: Mapping[str, memoryview]) -> None:
         """Put the group's weights into the modules; converter keys go through transformers."""
