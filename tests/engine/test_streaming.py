@@ -1,0 +1,76 @@
+"""Behaviour of the streaming loop itself: a real KV cache, bounded weight residency, the budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rabbit_engine.errors import MemoryBudgetError
+from rabbitllm import AutoModel
+
+
+def _layers(model):
+    return model._rabbit_streamer.weight_map.model.model.layers
+
+
+def test_decode_steps_run_layers_on_one_new_token(llama_checkpoint):
+    ref, path = llama_checkpoint
+    ids = torch.randint(3, 200, (1, 17))
+    seen: list[int] = []
+    with AutoModel.from_pretrained(path) as model:
+        hook = _layers(model)[0].register_forward_pre_hook(
+            lambda mod, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[1]),
+            with_kwargs=True,
+        )
+        model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        hook.remove()
+    assert seen == [17, 1, 1, 1, 1, 1], seen
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_at_most_prefetch_plus_one_layers_hold_weights(llama_checkpoint, prefetch):
+    ref, path = llama_checkpoint
+    counts: list[int] = []
+    with AutoModel.from_pretrained(path, prefetch=prefetch) as model:
+        layers = _layers(model)
+
+        def count(mod, args):
+            counts.append(sum(any(not p.is_meta for p in layer.parameters()) for layer in layers))
+
+        hooks = [layer.register_forward_pre_hook(count) for layer in layers]
+        model.generate(torch.randint(3, 200, (1, 9)), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        for h in hooks:
+            h.remove()
+        # Hooks registered after the streamer's run after its loader: the running layer is the only
+        # one with real weights in a module; prefetched ones wait as tensors in the pipeline.
+        assert counts and max(counts) == 1
+        assert model.streamer_stats["max_loaded_layers"] <= 1 + prefetch
+        assert all(p.is_meta for layer in layers for p in layer.parameters())
+
+
+def test_budget_keeps_layers_resident_and_rejects_too_small(llama_checkpoint):
+    ref, path = llama_checkpoint
+    ids = torch.randint(3, 200, (1, 9))
+    expected = ref.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with AutoModel.from_pretrained(path, max_memory="1GiB") as model:
+        assert model.streamer_stats["resident_layers"] == list(range(ref.config.num_hidden_layers))
+        assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), expected)
+    with pytest.raises(MemoryBudgetError, match="at least"):
+        AutoModel.from_pretrained(path, max_memory=1000)
+
+
+def test_hf_token_alias_warns(llama_checkpoint):
+    _, path = llama_checkpoint
+    with pytest.warns(FutureWarning, match="token="):
+        AutoModel.from_pretrained(path, hf_token="hf_dummy").close()
+
+
+def test_default_dtype_is_the_checkpoints(tmp_path):
+    from tests.models.families import build_model, save_checkpoint
+
+    ref = build_model("llama", dtype=torch.bfloat16, seed=0)
+    path = save_checkpoint(ref, tmp_path / "bf16", sharded=False)
+    with AutoModel.from_pretrained(path) as model:
+        assert model.dtype == torch.bfloat16
+        # Buffers keep transformers' dtype: rotary inv_freq stays float32 (casting it costs exactness).
+        assert model.model.rotary_emb.inv_freq.dtype == torch.float32
