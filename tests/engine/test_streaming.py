@@ -74,3 +74,24 @@ def test_default_dtype_is_the_checkpoints(tmp_path):
         assert model.dtype == torch.bfloat16
         # Buffers keep transformers' dtype: rotary inv_freq stays float32 (casting it costs exactness).
         assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+def test_profiler_reports_each_step_and_the_bottleneck(llama_checkpoint):
+    _, path = llama_checkpoint
+    with AutoModel.from_pretrained(path, profile=True) as model:
+        model.generate(torch.randint(3, 200, (1, 9)), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                       pad_token_id=0)
+        report = model.profile_report()
+    assert report["steps"] == 4  # prefill + 3 decode steps
+    assert report["prefill"]["tokens"] == 9 and report["decode_per_step"]["tokens"] == 1
+    assert report["bottleneck"] in {"I/O (waiting for reads)", "compute", "convert", "copy to device"}
+    assert "bottleneck" in report["summary"]
+    for key in ("read", "wait", "convert", "copy", "compute", "total"):
+        assert report["decode_per_step"][key] >= 0
+
+
+def test_profiler_off_by_default(llama_checkpoint):
+    _, path = llama_checkpoint
+    with AutoModel.from_pretrained(path) as model:
+        model(torch.randint(3, 200, (1, 5)))
+        assert model.profile_report() == {"steps": 0, "bottleneck": None}

@@ -26,6 +26,7 @@ class Profiler:
         self._current: dict[str, float] = defaultdict(float)
         self._step_start: float | None = None
         self._main_thread_load = 0.0
+        self._compute_thread: int | None = None
 
     @contextmanager
     def section(self, category: str) -> Iterator[None]:
@@ -39,13 +40,14 @@ class Profiler:
             elapsed = time.perf_counter() - start
             with self._lock:
                 self._current[category] += elapsed
-                if threading.current_thread() is threading.main_thread() and category != "wait":
+                if threading.get_ident() == self._compute_thread and category != "wait":
                     self._main_thread_load += elapsed
 
     def step_begin(self) -> None:
         if self.enabled:
             self._step_start = time.perf_counter()
             self._main_thread_load = 0.0
+            self._compute_thread = threading.get_ident()  # loads done here are not compute
 
     def step_end(self, tokens: int) -> None:
         if not self.enabled or self._step_start is None:
