@@ -1,0 +1,134 @@
+"""Where a split is written: any fsspec URL, with atomic writes and a lock for local directories.
+
+Local files are written under a temporary name (`.NAME.<random>.incomplete`) and renamed into
+place, so a file under its final name is always whole. Object stores (s3, gcs, memory, ...) make
+an object visible only when its upload completes, so they are written directly; a failed upload is
+discarded. Either way the split trusts a file only once its sha256 is in the resume record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+import filelock
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .errors import InvalidOptionError, MissingDependencyError
+from .sources import _display, relative_name, storage_errors
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".rabbit-split.lock"
+TEMP_SUFFIX = ".incomplete"
+HASH_CHUNK = 16 * 1024 * 1024
+
+
+class Destination:
+    """A directory on any fsspec filesystem that split files are written into."""
+
+    def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
+        url = os.fspath(url)
+        try:
+            fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"{url}: the backend is not installed (for s3://: pip install 'rabbit-store[s3]'): {exc}"
+            ) from exc
+        except (TypeError, ValueError) as exc:
+            raise InvalidOptionError(f"{url}: bad storage options: {exc}") from exc
+        self.fs: fsspec.AbstractFileSystem = fs
+        self.local = isinstance(fs, LocalFileSystem)
+        self.root = os.path.abspath(root) if self.local else root.rstrip("/")
+        self.location = self.root if self.local else _display(url)
+
+    def path(self, name: str) -> str:
+        return posixpath.join(self.root, relative_name(name))
+
+    def makedirs(self) -> None:
+        with storage_errors(f"creating {self.location}"):
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    def lock(self) -> contextlib.AbstractContextManager[object]:
+        """Serialise splits into the same local directory (a remote one gets no lock: warned)."""
+        if self.local:
+            return filelock.FileLock(os.path.join(self.root, LOCK_FILE))
+        logger.info("%s is remote: no lock; do not run two splits into it at once", self.location)
+        return contextlib.nullcontext()
+
+    def exists(self, name: str) -> bool:
+        with storage_errors(f"{self.location}/{name}"):
+            return bool(self.fs.isfile(self.path(name)))
+
+    def size(self, name: str) -> int:
+        with storage_errors(f"{self.location}/{name}"):
+            return int(self.fs.size(self.path(name)))
+
+    def read_bytes(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
+        with storage_errors(f"{self.location}/{name}"):
+            return bytes(self.fs.cat_file(self.path(name), start=start, end=end))
+
+    def sha256(self, name: str) -> str:
+        """sha256 of a written file, streamed in large chunks."""
+        digest = hashlib.sha256()
+        with storage_errors(f"{self.location}/{name}"), self.fs.open(self.path(name), "rb") as handle:
+            while chunk := handle.read(HASH_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def remove(self, name: str) -> None:
+        with storage_errors(f"removing {self.location}/{name}"):
+            if self.fs.exists(self.path(name)):
+                self.fs.rm_file(self.path(name))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with self.open_atomic(name) as handle:
+            handle.write(data)
+
+    def remove_temporaries(self) -> int:
+        """Delete `.*.incomplete` leftovers of interrupted local writes (call under the lock)."""
+        if not self.local:
+            return 0
+        removed = 0
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX):
+                os.remove(entry.path)
+                removed += 1
+        if removed:
+            logger.info("removed %d incomplete file(s) left in %s", removed, self.location)
+        return removed
+
+    @contextlib.contextmanager
+    def open_atomic(self, name: str) -> Iterator[IO[bytes]]:
+        """A binary file that appears under `name` only if the block completes."""
+        final = self.path(name)
+        if self.local:
+            temp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            try:
+                with open(temp, "wb", buffering=0) as handle:
+                    yield handle
+                os.replace(temp, final)
+            finally:
+                if os.path.exists(temp):
+                    os.remove(temp)
+            return
+        with storage_errors(f"writing {self.location}/{name}"):
+            handle = self.fs.open(final, "wb")
+            try:
+                yield handle
+            except BaseException:
+                # fsspec files commit on close(); discard() aborts the upload instead.
+                with contextlib.suppress(Exception):
+                    handle.discard()
+                with contextlib.suppress(Exception):
+                    self.fs.rm_file(final)
+                raise
+            handle.close()

@@ -1,0 +1,90 @@
+"""rabbit-split.json: what a split directory holds, so that it can be verified and resumed.
+
+The same structure is saved as `rabbit-split.partial.json` after every finished file while a split
+runs (the resume record: a file is trusted only once it is listed there with its size and sha256)
+and as `rabbit-split.json`, written last, when the split is complete.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import SplitError
+
+MANIFEST_FILE = "rabbit-split.json"
+PARTIAL_MANIFEST_FILE = "rabbit-split.partial.json"
+FORMAT = "rabbit-split"
+VERSION = 1
+
+#: Parts of a model that get their own safetensors file ("aux": config/tokenizer copies).
+PARTS = ("embeddings", "layer", "norm", "lm_head", "other", "aux")
+
+
+@dataclass
+class FileEntry:
+    """One file of a split: its part of the model, size, sha256 and (safetensors) tensor names."""
+
+    name: str
+    part: str
+    size: int
+    sha256: str
+    layer: int | None = None
+    tensors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    source: str
+    source_fingerprint: str
+    layer_prefix: str
+    num_layers: int
+    tied: bool
+    files: list[FileEntry] = field(default_factory=list)
+    complete: bool = False
+    #: shards of the source removed by delete_original (so that a resume knows why they are gone)
+    deleted_shards: list[str] = field(default_factory=list)
+    #: the source's tensor layout, kept so that a resume after delete_original can plan without
+    #: the deleted shards (see split._load_index)
+    source_index: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+    version: int = VERSION
+
+    def entry(self, name: str) -> FileEntry | None:
+        return next((f for f in self.files if f.name == name), None)
+
+    @property
+    def layers(self) -> list[str]:
+        """File name of each decoder layer, by layer index."""
+        by_index = {f.layer: f.name for f in self.files if f.part == "layer"}
+        return [by_index[i] for i in sorted(by_index)]
+
+    def part_files(self, part: str) -> list[str]:
+        return [f.name for f in self.files if f.part == part]
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def weight_map(self) -> dict[str, str]:
+        return {t: f.name for f in self.files for t in f.tensors}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, where: str) -> Manifest:
+        """Parse a manifest; anything malformed is a SplitError naming `where`."""
+        try:
+            raw = json.loads(text)
+            if raw.get("format") != FORMAT:
+                raise ValueError(f"format is {raw.get('format')!r}, not {FORMAT!r}")
+            if raw.get("version") != VERSION:
+                raise ValueError(f"version {raw.get('version')!r} is not {VERSION} (newer rabbit-store?)")
+            files = [FileEntry(**entry) for entry in raw.pop("files")]
+            return cls(files=files, **raw)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise SplitError(
+                f"{where} is not a valid rabbit-split manifest ({exc}); split the checkpoint again."
+            ) from None
