@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from rabbit_store.errors import RabbitError
+from rabbit_store.errors import InvalidOptionError, RabbitError
 
-
-class InvalidOptionError(RabbitError, ValueError):
-    """A user-supplied option (device, dtype, max_memory, attn_implementation...) has a bad value."""
+__all__ = ["InvalidOptionError", "MemoryBudgetError", "RabbitError", "UnsupportedModelError", "WeightMismatchError"]
 
 
 class UnsupportedModelError(RabbitError):
