@@ -197,11 +197,19 @@ def parse_header(
     return ordered, metadata
 
 
-def build_header(tensors: list[TensorInfo], metadata: dict[str, str] | None = None) -> bytes:
+def build_header(
+    tensors: list[TensorInfo],
+    metadata: dict[str, str] | None = None,
+    *,
+    data_start: tuple[int, int] | None = None,
+) -> bytes:
     """Length prefix + JSON header for `tensors` laid out back to back in the given order.
 
-    The JSON is padded with spaces to a multiple of 8 bytes, as the safetensors writer does, so the
-    data section starts 8-aligned.
+    The JSON is padded with spaces (as the safetensors writer does) to a multiple of 8 bytes, or,
+    with `data_start=(modulus, residue)`, until the data section starts at an offset congruent to
+    `residue`: the split uses it to give copied bytes the page offset they had in the source, so
+    that the kernel copies whole pages (copy_file_range is markedly slower between misaligned
+    offsets).
     """
     entries: dict[str, Any] = {}
     if metadata:
@@ -215,5 +223,6 @@ def build_header(tensors: list[TensorInfo], metadata: dict[str, str] | None = No
         }
         position += info.nbytes
     body = json.dumps(entries, separators=(",", ":")).encode("utf-8")
-    body += b" " * (-len(body) % 8)
+    modulus, residue = data_start or (8, 0)
+    body += b" " * ((residue - LENGTH_BYTES - len(body)) % modulus)
     return struct.pack("<Q", len(body)) + body

@@ -61,6 +61,8 @@ AUX_PATTERNS = (
 )
 #: Remote reads per batch: this many PART_BYTES ranges are in flight together.
 REMOTE_BATCH_PARTS = 8
+#: Page size that copied bytes keep their offset modulo (see _Splitter._header).
+PAGE = 4096
 #: Fallback chunk size when copy_file_range is unavailable.
 WRITE_CHUNK = 64 * 1024 * 1024
 
@@ -251,6 +253,15 @@ class _Splitter:
                     bar.update(len(chunk))
         return digest.hexdigest()
 
+    def _header(self, infos: list[TensorInfo]) -> bytes:
+        """The split file's header, padded so that the largest source run keeps its page offset."""
+        fmt = self.index.file_metadata.get(infos[0].file, {}).get("format", "pt")
+        position, best = 0, (-1, 0)  # (run length, source offset - offset within the data section)
+        for _, start, end in source_runs(infos):
+            best = max(best, (end - start, start - position))
+            position += end - start
+        return build_header(infos, {"format": fmt}, data_start=(PAGE, best[1] % PAGE))
+
     def _save_progress(self) -> None:
         record = Manifest(**{**vars(self.manifest), "files": self.manifest.files + list(self._carried.values())})
         self.dest.write_bytes(PARTIAL_MANIFEST_FILE, record.to_json().encode())
@@ -290,8 +301,7 @@ class _Splitter:
             for part, layer, names in groups:
                 name = layer_file_name(part, layer)
                 infos = output_order([self.index.tensors[n] for n in names])
-                fmt = self.index.file_metadata.get(infos[0].file, {}).get("format", "pt")
-                header = build_header(infos, {"format": fmt})
+                header = self._header(infos)
                 size = len(header) + sum(i.nbytes for i in infos)
                 tensor_names = [i.name for i in infos]
                 entry = self._reuse(name, tensor_names, size)
