@@ -69,9 +69,9 @@ def test_register_opener(sharded: Checkpoint):
 def test_credentials_not_shown_in_location():
     source = open_source("memory://")  # root of the memory filesystem always exists
     assert source.location == "memory://"
-    from rabbit_store.sources import _display
+    from rabbit_store.sources import display_url
 
-    assert _display("s3://user:pass@bucket/x") == "s3://bucket/x"
+    assert display_url("s3://user:pass@bucket/x") == "s3://bucket/x"
 
 
 @pytest.mark.parametrize("name", ["../x", "/abs", "C:/x", "s3://b/x", "a\\b", "", "a/../../b", "."])

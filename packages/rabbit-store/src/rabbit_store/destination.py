@@ -22,7 +22,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .errors import InvalidOptionError, MissingDependencyError
-from .sources import _display, relative_name, storage_errors
+from .sources import display_url, relative_name, storage_errors
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Destination:
         self.fs: fsspec.AbstractFileSystem = fs
         self.local = isinstance(fs, LocalFileSystem)
         self.root = os.path.abspath(root) if self.local else root.rstrip("/")
-        self.location = self.root if self.local else _display(url)
+        self.location = self.root if self.local else display_url(url)
 
     def path(self, name: str) -> str:
         return posixpath.join(self.root, relative_name(name))

@@ -154,7 +154,7 @@ class FsspecSource(Source):
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, *, location: str | None = None):
         self.fs = fs
         self.root = root.rstrip("/") or "/"
-        self.location = location or _display(fs.unstrip_protocol(self.root))
+        self.location = location or display_url(fs.unstrip_protocol(self.root))
         self._local = isinstance(fs, LocalFileSystem)
 
     def _path(self, name: str) -> str:
@@ -193,7 +193,7 @@ class FsspecSource(Source):
             self.fs.rm_file(self._path(name))
 
 
-def _display(url: str) -> str:
+def display_url(url: str) -> str:
     """Drop `user:password@` from a URL so that a location can be logged."""
     return re.sub(r"^([a-zA-Z][\w+.-]*://)[^/@]*@", r"\1", url)
 
@@ -226,7 +226,7 @@ def _open_fsspec(
         ) from exc
     except ValueError as exc:
         raise InvalidOptionError(f"{location}: {exc}") from exc
-    display = _display(location)
+    display = display_url(location)
     if local_cache and not isinstance(fs, LocalFileSystem):
         # fsspec's CachingFileSystem ("blockcache") keeps the blocks we read in sparse local files,
         # so a second pass over the same layers reads local disk; no need to write our own cache.
@@ -298,7 +298,7 @@ def open_source(
     if not scheme and not os.path.exists(os.path.expanduser(location)) and HUB_REPO_ID.match(location):
         scheme = "hf"
     if scheme not in ("hf", "") and token is not None:
-        logger.debug("token= is for hub repos; ignored for %s", _display(location))
+        logger.debug("token= is for hub repos; ignored for %s", display_url(location))
     opener = _OPENERS.get(scheme, _open_fsspec)
     return opener(
         location,

@@ -176,7 +176,6 @@ class _Splitter:
         delete_original: bool,
     ) -> None:
         self.source, self.index, self.plan, self.dest = source, index, plan, dest
-        self.previous = previous
         self.delete_original = delete_original
         self.progress = progress
         self.deleted: list[str] = list(previous.deleted_shards) if previous else []
@@ -238,6 +237,8 @@ class _Splitter:
                 bar.update(end - start)
         finally:
             hashing.result()
+            for view in views:
+                view.release()  # no export may outlive the map (_release closes it)
 
     def _write_group(self, name: str, infos: list[TensorInfo], header: bytes, bar: tqdm) -> str:
         runs = source_runs(infos)
@@ -283,6 +284,7 @@ class _Splitter:
             outputs.discard(written)
             if not outputs and shard not in self.deleted:
                 logger.info("deleting original shard %s/%s", self.source.location, shard)
+                self._release(shard)  # so that the disk space is freed now, not at the end
                 self.source.delete(shard)
                 self.deleted.append(shard)
                 self._save_progress()
@@ -341,12 +343,15 @@ class _Splitter:
                 FileEntry(name=name, part="aux", size=len(data), sha256=hashlib.sha256(data).hexdigest())
             )
 
+    def _release(self, file: str) -> None:
+        if file in self._fds:
+            self._maps.pop(file).close()
+            os.close(self._fds.pop(file))
+
     def close(self) -> None:
         self._hasher_pool.shutdown(wait=True)
-        for mapped in self._maps.values():
-            mapped.close()
-        for fd in self._fds.values():
-            os.close(fd)
+        for file in list(self._fds):
+            self._release(file)
 
 
 def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int, dst_offset: int) -> None:
