@@ -69,6 +69,20 @@ def test_offline_missing_shard_is_named(hub_cache: Path, offline: None):
         CheckpointIndex.load(open_source(REPO))
 
 
+def test_incomplete_cached_snapshot_is_still_used(hub_cache: Path, offline: None, monkeypatch: pytest.MonkeyPatch):
+    snapshot = next(hub_cache.rglob("snapshots/*"))
+    incomplete = getattr(huggingface_hub.errors, "IncompleteSnapshotError", None)
+    if incomplete is None:
+        pytest.skip("this huggingface_hub has no IncompleteSnapshotError")
+
+    def partial(*args, **kwargs):
+        raise incomplete("2 files missing", snapshot_path=str(snapshot))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", partial)
+    source = open_source(REPO)
+    assert source.local_path("config.json") == f"{snapshot}/config.json"
+
+
 def test_unreachable_hub_falls_back_to_the_cache(hub_cache: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)

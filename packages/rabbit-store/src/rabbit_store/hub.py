@@ -218,6 +218,8 @@ def _connection_error_types() -> tuple[type[BaseException], ...]:
 
 
 _CONNECTION_ERRORS = _connection_error_types()
+#: huggingface_hub >= 1.x raises it for a snapshot known to miss files; older versions never do.
+_INCOMPLETE_SNAPSHOT = getattr(hf_errors, "IncompleteSnapshotError", ())
 
 
 def _cached_snapshot(repo_id: str, revision: str, cache_dir: str, reason: str) -> str:
@@ -225,7 +227,7 @@ def _cached_snapshot(repo_id: str, revision: str, cache_dir: str, reason: str) -
         return huggingface_hub.snapshot_download(
             repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True
         )
-    except hf_errors.IncompleteSnapshotError as exc:
+    except _INCOMPLETE_SNAPSHOT as exc:
         # Files are missing from the cached snapshot; the index will name the missing shard if one
         # is needed, and config/tokenizer files we may not need are no reason to refuse.
         logger.warning("hub cache snapshot of %s is incomplete: %s", repo_id, exc)

@@ -224,12 +224,11 @@ class _Splitter:
             yield from self.source.cat_ranges([p[0] for p in batch], [p[1] for p in batch], [p[2] for p in batch])
 
     # -- writing -------------------------------------------------------------------------------
-    def _write_fast(self, handle: IO[bytes], header: bytes, runs: Sequence[tuple[str, int, int]], digest: Any, bar: tqdm) -> None:
+    def _write_fast(self, handle: IO[bytes], position: int, runs: Sequence[tuple[str, int, int]], digest: Any, bar: tqdm) -> None:
         """copy_file_range in the kernel while another thread hashes the same source pages."""
         views = [memoryview(self._local(f)[1])[s:e] for f, s, e in runs]
         hashing = self._hasher_pool.submit(lambda: [digest.update(v) for v in views])
         out_fd = handle.fileno()
-        position = len(header)
         try:
             for file, start, end in runs:
                 _copy_range(self._local(file)[0], out_fd, start, end - start, position)
@@ -246,7 +245,7 @@ class _Splitter:
         with self.dest.open_atomic(name) as handle:
             handle.write(header)
             if self.dest.local and self._all_local(runs):
-                self._write_fast(handle, header, runs, digest, bar)
+                self._write_fast(handle, len(header), runs, digest, bar)
             else:
                 for chunk in self._chunks(runs):
                     handle.write(chunk)
