@@ -1,0 +1,278 @@
+"""One engine, one regime, in its own process: load, prefill, N timed decode steps, report.
+
+Run as `python tools/bench.py --child SPEC.json`; writes SPEC['result'] (JSON) and SPEC['logits']
+(float32 last-position logits of every step, raw little-endian). Imports of torch and the engines
+happen here, never in the parent, so RSS and caches are this process's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from bench_lib import memcap
+
+_STATUS_KEYS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")
+
+
+def read_status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in _STATUS_KEYS:
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+class MemorySampler:
+    """Polls /proc/self/status (VmHWM is the kernel's own peak RSS; RssAnon has no peak, so we poll)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak = {k: 0 for k in _STATUS_KEYS}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-mem", daemon=True)
+
+    def sample(self) -> None:
+        for k, v in read_status().items():
+            if v > self.peak[k]:
+                self.peak[k] = v
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self):
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def io_read_bytes() -> int | None:
+    """Bytes this process made the kernel fetch from storage (readahead included)."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def thread_faults() -> dict[int, tuple[int, int]]:
+    """tid -> (minor, major) page faults of every thread of this process."""
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(task.name)] = (int(fields[7]), int(fields[9]))  # minflt, majflt
+    return out
+
+
+def background_tids() -> set[int]:
+    """The engine's own helper threads (prefetch, readers): faults there are hidden I/O."""
+    return {t.native_id for t in threading.enumerate()
+            if t.native_id and t is not threading.main_thread() and not t.name.startswith("bench-")}
+
+
+class StepCounters:
+    """Storage bytes read and major faults (compute threads vs the engine's helper threads) in a step."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def begin(self) -> None:
+        self._io = io_read_bytes()
+        self._faults = thread_faults()
+        self._ru = resource.getrusage(resource.RUSAGE_SELF)
+
+    def end(self) -> None:
+        io = io_read_bytes()
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        faults = thread_faults()
+        helpers = background_tids()
+        row = {"read_bytes": (io - self._io) if io is not None and self._io is not None else None,
+               "majflt_compute": 0, "majflt_helpers": 0, "minflt_compute": 0, "minflt_helpers": 0,
+               "cpu_user_s": ru.ru_utime - self._ru.ru_utime, "cpu_sys_s": ru.ru_stime - self._ru.ru_stime}
+        for tid, (mn, mj) in faults.items():
+            mn0, mj0 = self._faults.get(tid, (0, 0))
+            side = "helpers" if tid in helpers else "compute"
+            row[f"majflt_{side}"] += mj - mj0
+            row[f"minflt_{side}"] += mn - mn0
+        self.rows.append(row)
+
+    def medians(self) -> dict:
+        if not self.rows:
+            return {}
+        keys = self.rows[0].keys()
+        return {k: statistics.median(r[k] for r in self.rows) if all(r[k] is not None for r in self.rows) else None
+                for k in keys}
+
+
+def load_engine(spec: dict):
+    import torch
+
+    engine = spec["engine"]
+    path = spec["path"]
+    device = spec.get("device") or "cpu"
+    if engine.startswith("rabbit"):
+        from rabbitllm import AutoModel
+
+        kwargs = dict(dtype=None, device=None if device == "cpu" else device, max_memory=spec.get("max_memory"),
+                      prefetch=spec.get("prefetch", 2), profile=spec.get("profile", True))
+        if spec.get("layers_path"):
+            kwargs["layers_path"] = spec["layers_path"]
+        return AutoModel.from_pretrained(path, **kwargs)
+    from transformers import AutoModelForCausalLM
+
+    if engine == "transformers":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        return model.to(device) if device != "cpu" else model
+    if engine == "accelerate":
+        config = json.loads(Path(path, "config.json").read_text())
+        resident = 0 if device.startswith("cuda") else "cpu"
+        device_map = {"model.embed_tokens": resident, "model.norm": resident, "model.rotary_emb": resident,
+                      "lm_head": resident}
+        device_map.update({f"model.layers.{i}": "disk" for i in range(config["num_hidden_layers"])})
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device_map,
+                                                    offload_folder=spec["offload_folder"])
+    raise ValueError(f"unknown engine {engine!r}")
+
+
+def run(spec: dict) -> dict:
+    out: dict = {"engine": spec["engine"], "regime": spec["regime"], "ok": False}
+    files = spec.get("files", [])
+    evict_each_step = spec.get("evict_each_step", False)
+    with MemorySampler() as mem:
+        t0 = time.perf_counter()
+        import torch
+        from transformers import DynamicCache
+
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
+        out["threads"] = torch.get_num_threads()
+        out["import_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model = load_engine(spec)
+        model.eval()
+        out["load_s"] = time.perf_counter() - t0
+        mem.sample()
+        out["after_load"] = read_status()
+
+        live_files = list(files)
+        offload = Path(spec["offload_folder"]) if spec.get("offload_folder") else None
+        if offload is not None and offload.exists():  # accelerate's own copies, when it writes any
+            live_files += [str(p) for p in offload.rglob("*") if p.is_file()]
+        out["offload_files"] = len(live_files) - len(files)
+        if spec.get("cold"):
+            memcap.pageout_own_mappings(live_files)
+            memcap.evict_files(live_files)
+        elif spec.get("warm"):
+            memcap.warm_files(live_files)
+        out["cached_before_prefill"] = memcap.resident_fraction(live_files) if live_files else None
+
+        import inspect
+
+        params = inspect.signature(model.forward).parameters
+        cache_kw = "cache" if "cache" in params else "past_key_values"
+        extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        device = getattr(model, "device", torch.device("cpu"))
+        gen = torch.Generator().manual_seed(spec.get("seed", 0))
+        vocab = model.config.vocab_size
+        prompt = torch.randint(3, vocab, (1, spec["prompt"]), generator=gen).to(device)
+        cache = DynamicCache(config=model.config)
+        logits_rows = []
+        tokens: list[int] = []
+        steps: list[float] = []
+        cached_between: list[float] = []
+
+        counters = StepCounters()
+
+        def step(ids, count=True):
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+            sync()
+            if count:
+                counters.begin()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                res = model(input_ids=ids, use_cache=True, **{cache_kw: cache}, **extra)
+            sync()
+            elapsed = time.perf_counter() - start
+            if count:
+                counters.end()
+            row = res.logits[0, -1].float().cpu()
+            logits_rows.append(row.numpy().tobytes())
+            tokens.append(int(row.argmax()))
+            return elapsed
+
+        io0 = io_read_bytes()
+        out["prefill_s"] = step(prompt, count=False)
+        out["prefill_read_bytes"] = (io_read_bytes() - io0) if io0 is not None else None
+        for _ in range(spec["tokens"]):
+            if evict_each_step:
+                memcap.pageout_own_mappings(live_files)
+                memcap.evict_files(live_files)
+                cached_between.append(memcap.resident_fraction(live_files))
+            steps.append(step(torch.tensor([[tokens[-1]]], device=device)))
+            mem.sample()
+        out["decode_steps_s"] = steps
+        out["decode_s"] = statistics.median(steps) if steps else None
+        out["tokens"] = tokens
+        out["step_counters"] = counters.rows
+        out["per_step"] = counters.medians()
+        out["cached_after_run"] = memcap.resident_fraction(live_files) if live_files else None
+        if cached_between:
+            out["cached_between_steps_max"] = max(cached_between)
+        if hasattr(model, "profile_report"):
+            try:
+                out["profile"] = model.profile_report()
+            except Exception as e:  # noqa: BLE001 - the bench reports, never dies on the profiler
+                out["profile"] = {"error": repr(e)}
+        if hasattr(model, "streamer_stats"):
+            try:
+                out["streamer_stats"] = model.streamer_stats
+            except Exception as e:  # noqa: BLE001
+                out["streamer_stats"] = {"error": repr(e)}
+        try:
+            import psutil
+
+            full = psutil.Process().memory_full_info()
+            out["uss_end"] = full.uss
+        except Exception:  # noqa: BLE001
+            out["uss_end"] = None
+        if hasattr(model, "close"):
+            model.close()
+    out["peak"] = mem.peak
+    Path(spec["logits"]).write_bytes(b"".join(logits_rows))
+    out["vocab"] = vocab
+    out["ok"] = True
+    return out
+
+
+def main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    try:
+        result = run(spec)
+    except BaseException as e:  # noqa: BLE001 - report any failure to the parent
+        result = {"engine": spec["engine"], "regime": spec["regime"], "ok": False,
+                  "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    Path(spec["result"]).write_text(json.dumps(result))
+    sys.stdout.flush()
+    os._exit(0 if result.get("ok") else 1)  # skip interpreter teardown (threads, mmaps)
