@@ -13,6 +13,7 @@ destination.py and manifest.py for the two halves of that.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import hashlib
@@ -21,7 +22,8 @@ import logging
 import mmap
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -63,6 +65,9 @@ AUX_PATTERNS = (
 REMOTE_BATCH_PARTS = 8
 #: Page size that copied bytes keep their offset modulo (see _Splitter._header).
 PAGE = 4096
+#: Threads computing sha256 behind the copy: one file's hash runs while the next file is copied
+#: (with more cores, several), so a fast disk is not held back by one core of hashing.
+HASH_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
 #: Fallback chunk size when copy_file_range is unavailable.
 WRITE_CHUNK = 64 * 1024 * 1024
 
@@ -193,7 +198,7 @@ class _Splitter:
         self._carried = {e.name: e for e in previous.files if e.part != "aux"} if previous else {}
         self._fds: dict[str, int] = {}
         self._maps: dict[str, mmap.mmap] = {}
-        self._hasher_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rabbit-sha256")
+        self._hasher_pool = ThreadPoolExecutor(max_workers=HASH_WORKERS, thread_name_prefix="rabbit-sha256")
 
     # -- source access -------------------------------------------------------------------------
     def _local(self, file: str) -> tuple[int, mmap.mmap]:
@@ -224,34 +229,43 @@ class _Splitter:
             yield from self.source.cat_ranges([p[0] for p in batch], [p[1] for p in batch], [p[2] for p in batch])
 
     # -- writing -------------------------------------------------------------------------------
-    def _write_fast(self, handle: IO[bytes], position: int, runs: Sequence[tuple[str, int, int]], digest: Any, bar: tqdm) -> None:
-        """copy_file_range in the kernel while another thread hashes the same source pages."""
+    def _write_fast(self, handle: IO[bytes], position: int, runs: Sequence[tuple[str, int, int]], digest: Any, bar: tqdm) -> Future[str]:
+        """copy_file_range in the kernel while a hashing thread reads the same source pages.
+
+        Returns the sha256 as a future: the next file's copy starts while this hash finishes.
+        """
         views = [memoryview(self._local(f)[1])[s:e] for f, s, e in runs]
-        hashing = self._hasher_pool.submit(lambda: [digest.update(v) for v in views])
+        hashing = self._hasher_pool.submit(_hash_views, digest, views)
         out_fd = handle.fileno()
         try:
             for file, start, end in runs:
                 _copy_range(self._local(file)[0], out_fd, start, end - start, position)
                 position += end - start
                 bar.update(end - start)
-        finally:
-            hashing.result()
-            for view in views:
-                view.release()  # no export may outlive the map (_release closes it)
+        except BaseException:
+            if hashing.cancel():
+                for view in views:
+                    view.release()
+            else:
+                hashing.exception()  # wait: the hash thread releases its views
+            raise
+        return hashing
 
-    def _write_group(self, name: str, infos: list[TensorInfo], header: bytes, bar: tqdm) -> str:
+    def _write_group(self, name: str, infos: list[TensorInfo], header: bytes, bar: tqdm) -> Future[str]:
+        """Write one split file; its sha256 may still be computing when this returns."""
         runs = source_runs(infos)
         digest = hashlib.sha256(header)
         with self.dest.open_atomic(name) as handle:
             handle.write(header)
             if self.dest.local and self._all_local(runs):
-                self._write_fast(handle, len(header), runs, digest, bar)
-            else:
-                for chunk in self._chunks(runs):
-                    handle.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-        return digest.hexdigest()
+                return self._write_fast(handle, len(header), runs, digest, bar)
+            for chunk in self._chunks(runs):
+                handle.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+        done: Future[str] = Future()
+        done.set_result(digest.hexdigest())
+        return done
 
     def _header(self, infos: list[TensorInfo]) -> bytes:
         """The split file's header, padded so that the largest source run keeps its page offset."""
@@ -266,16 +280,50 @@ class _Splitter:
         record = Manifest(**{**vars(self.manifest), "files": self.manifest.files + list(self._carried.values())})
         self.dest.write_bytes(PARTIAL_MANIFEST_FILE, record.to_json().encode())
 
-    def _reuse(self, name: str, tensors: list[str], size: int) -> FileEntry | None:
-        """The previous run's entry for `name` if that file is verified intact, else None."""
-        old = self._carried.pop(name, None)
-        if old is None or old.tensors != tensors or old.size != size:
+    def _reuse(self, planned: FileEntry) -> FileEntry | None:
+        """The previous run's entry for this file if the file on disk is verified intact."""
+        old = self._carried.pop(planned.name, None)
+        if old is None or old.tensors != planned.tensors or old.size != planned.size:
             return None
         problem = _check_file(self.dest, old)
         if problem:
-            logger.info("rewriting %s: %s", name, problem)
+            logger.info("rewriting %s: %s", planned.name, problem)
             return None
         return old
+
+    def _finish(self, entry: FileEntry, sha256: Future[str] | None, pending: dict[str, set[str]]) -> None:
+        """Record a written (or reused) file in the resume record; delete drained shards."""
+        if sha256 is not None:
+            entry.sha256 = sha256.result()
+            if self.delete_original:
+                problem = _check_file(self.dest, entry)
+                if problem:
+                    raise SplitCorruptedError(
+                        f"{self.dest.location}/{entry.name} failed verification right after writing "
+                        f"({problem}); originals were not deleted: check the destination disk.",
+                        [entry.name],
+                    )
+        self.manifest.files.append(entry)
+        self._save_progress()
+        if self.delete_original:
+            self._delete_done_shards(pending, entry.name)
+
+    @contextlib.contextmanager
+    def _record_on_failure(self, in_flight: deque[tuple[FileEntry, Future[str] | None]]) -> Iterator[None]:
+        """If the run fails, still record the files already written whole (their hashes finish),
+        so that a rerun does not write them again."""
+        try:
+            yield
+        except BaseException:
+            for entry, sha256 in in_flight:
+                if sha256 is not None and (sha256.cancelled() or sha256.exception() is not None):
+                    break
+                if sha256 is not None:
+                    entry.sha256 = sha256.result()
+                self.manifest.files.append(entry)
+            in_flight.clear()
+            self._save_progress()
+            raise
 
     def _delete_done_shards(self, pending: dict[str, set[str]], written: str) -> None:
         """Delete each source shard whose every output file is written and verified, once."""
@@ -298,31 +346,30 @@ class _Splitter:
         total = sum(self.plan.nbytes(names) for _, _, names in groups)
         self._save_progress()  # before anything else: the resume record must outlive rabbit-split.json
         self.dest.remove(MANIFEST_FILE)  # unfinished again until the new one is written
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="split", disable=not self.progress) as bar:
+        in_flight: deque[tuple[FileEntry, Future[str] | None]] = deque()
+        with (
+            tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="split", disable=not self.progress) as bar,
+            self._record_on_failure(in_flight),
+        ):
             for part, layer, names in groups:
                 name = layer_file_name(part, layer)
                 infos = output_order([self.index.tensors[n] for n in names])
                 header = self._header(infos)
-                size = len(header) + sum(i.nbytes for i in infos)
-                tensor_names = [i.name for i in infos]
-                entry = self._reuse(name, tensor_names, size)
-                if entry is None:
-                    sha = self._write_group(name, infos, header, bar)
-                    entry = FileEntry(name=name, part=part, layer=layer, size=size, sha256=sha, tensors=tensor_names)
-                    if self.delete_original:
-                        problem = _check_file(self.dest, entry)
-                        if problem:
-                            raise SplitCorruptedError(
-                                f"{self.dest.location}/{name} failed verification right after writing "
-                                f"({problem}); originals were not deleted: check the destination disk.",
-                                [name],
-                            )
+                entry = FileEntry(
+                    name=name, part=part, layer=layer, size=len(header) + sum(i.nbytes for i in infos),
+                    sha256="", tensors=[i.name for i in infos],
+                )
+                reused = self._reuse(entry)
+                if reused is not None:
+                    in_flight.append((reused, None))
+                    bar.update(entry.size - len(header))
                 else:
-                    bar.update(size - len(header))
-                self.manifest.files.append(entry)
-                self._save_progress()
-                if self.delete_original:
-                    self._delete_done_shards(pending, name)
+                    in_flight.append((entry, self._write_group(name, infos, header, bar)))
+                # finish files in order; keep at most HASH_WORKERS hashes running behind the copy
+                while in_flight and (len(in_flight) > HASH_WORKERS or in_flight[0][1] is None):
+                    self._finish(*in_flight.popleft(), pending)
+            while in_flight:
+                self._finish(*in_flight.popleft(), pending)
         self._copy_aux()
         index = {"metadata": {"total_size": self.index.nbytes, "format": "rabbit-split"}, "weight_map": self.manifest.weight_map()}
         self.dest.write_bytes(INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
@@ -351,6 +398,18 @@ class _Splitter:
         self._hasher_pool.shutdown(wait=True)
         for file in list(self._fds):
             self._release(file)
+
+
+def _hash_views(digest: Any, views: list[memoryview]) -> str:
+    """sha256 of the views (hashlib releases the GIL on large buffers), then release them: no
+    export may outlive the source map, which _release closes."""
+    try:
+        for view in views:
+            digest.update(view)
+        return str(digest.hexdigest())
+    finally:
+        for view in views:
+            view.release()
 
 
 def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int, dst_offset: int) -> None:
