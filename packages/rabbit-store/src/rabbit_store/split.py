@@ -65,9 +65,10 @@ AUX_PATTERNS = (
 REMOTE_BATCH_PARTS = 8
 #: Page size that copied bytes keep their offset modulo (see _Splitter._header).
 PAGE = 4096
-#: Threads computing sha256 behind the copy: one file's hash runs while the next file is copied
-#: (with more cores, several), so a fast disk is not held back by one core of hashing.
-HASH_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
+#: Threads computing sha256 behind the copy. sha256 runs at ~1.5 GB/s per core, slower than a
+#: page-cache copy, so files are hashed in parallel (one per core, up to 4) while the kernel copies
+#: the next ones: a fast disk is not held back by one core of hashing.
+HASH_WORKERS = max(1, min(4, os.cpu_count() or 1))
 #: Fallback chunk size when copy_file_range is unavailable.
 WRITE_CHUNK = 64 * 1024 * 1024
 
