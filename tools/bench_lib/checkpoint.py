@@ -63,6 +63,7 @@ def llama_config(shape: Shape):
         bos_token_id=1,
         eos_token_id=2,
         dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
     )
 
 

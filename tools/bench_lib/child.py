@@ -126,6 +126,39 @@ class StepCounters:
                 for k in keys}
 
 
+def disk_device_map(path: str, resident) -> dict:
+    """Every decoder layer on "disk", everything else (embeddings, norm, head, rotary) on `resident`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    layers = None
+    for name, module in skeleton.named_modules():
+        if isinstance(module, __import__("torch").nn.ModuleList) and len(module) == config.num_hidden_layers:
+            layers = name
+            break
+    if layers is None:
+        raise ValueError("cannot find the decoder-layer list for accelerate's device_map")
+    device_map: dict = {}
+
+    def walk(prefix: str, module) -> None:
+        for child_name, child in module.named_children():
+            full = f"{prefix}.{child_name}" if prefix else child_name
+            if full == layers:
+                device_map.update({f"{full}.{i}": "disk" for i in range(len(child))})
+            elif layers.startswith(full + "."):
+                walk(full, child)
+            else:
+                device_map[full] = resident
+        for pname, _ in module.named_parameters(recurse=False):
+            device_map[f"{prefix}.{pname}" if prefix else pname] = resident
+
+    walk("", skeleton)
+    return device_map
+
+
 def load_engine(spec: dict):
     import torch
 
@@ -143,15 +176,11 @@ def load_engine(spec: dict):
     from transformers import AutoModelForCausalLM
 
     if engine == "transformers":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
         return model.to(device) if device != "cpu" else model
     if engine == "accelerate":
-        config = json.loads(Path(path, "config.json").read_text())
         resident = 0 if device.startswith("cuda") else "cpu"
-        device_map = {"model.embed_tokens": resident, "model.norm": resident, "model.rotary_emb": resident,
-                      "lm_head": resident}
-        device_map.update({f"model.layers.{i}": "disk" for i in range(config["num_hidden_layers"])})
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device_map,
+        return AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=disk_device_map(path, resident),
                                                     offload_folder=spec["offload_folder"])
     raise ValueError(f"unknown engine {engine!r}")
 
