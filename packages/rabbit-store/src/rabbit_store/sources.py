@@ -208,7 +208,7 @@ def _open_fsspec(
     token: str | None,
     storage_options: dict[str, Any] | None,
     cache_dir: str | None,
-    local_cache: bool | str,
+    local_cache: bool | str | os.PathLike[str],
 ) -> Source:
     """Every fsspec URL: the protocol's filesystem, optionally wrapped in a local block cache."""
     if revision is not None:
@@ -230,7 +230,7 @@ def _open_fsspec(
     if local_cache and not isinstance(fs, LocalFileSystem):
         # fsspec's CachingFileSystem ("blockcache") keeps the blocks we read in sparse local files,
         # so a second pass over the same layers reads local disk; no need to write our own cache.
-        storage = local_cache if isinstance(local_cache, str) else cache_dir or default_remote_cache_dir()
+        storage = cache_dir or default_remote_cache_dir() if local_cache is True else os.fspath(local_cache)
         fs = fsspec.filesystem("blockcache", fs=fs, cache_storage=storage, check_files=False)
         logger.info("caching blocks of %s under %s", display, storage)
     source = FsspecSource(fs, root, location=display)
@@ -279,7 +279,7 @@ def open_source(
     token: str | None = None,
     storage_options: dict[str, Any] | None = None,
     cache_dir: str | None = None,
-    local_cache: bool | str = False,
+    local_cache: bool | str | os.PathLike[str] = False,
 ) -> Source:
     """Resolve a model location into a Source.
 
