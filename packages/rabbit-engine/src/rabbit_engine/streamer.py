@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import mmap
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from rabbit_engine.pool import BufferPool
 from rabbit_engine.profiler import Profiler
 from rabbit_engine.staging import CudaStager
 from rabbit_engine.weights import RESIDENT, WeightMap
@@ -45,6 +47,8 @@ class LayerStreamer:
         self.profiler = profiler
         self.stager = stager
         self._pending: dict[int, Future] = {}
+        self._buffers: dict[int, bytearray] = {}  # remote layers: the pooled buffer each one occupies
+        self._pool: BufferPool | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rabbit-prefetch")
         self._handles = []
         self.max_loaded = 0  # the most decoder layers that held real weights at once
@@ -56,12 +60,18 @@ class LayerStreamer:
             self._handles.append(layer.register_forward_hook(functools.partial(self._after, i)))
 
     # ---- loading -----------------------------------------------------------------------------
-    def _fetch(self, gid: int, staged: bool = True) -> tuple[Any, dict[str, torch.Tensor], Any]:
+    def _fetch(self, gid: int, streamed: bool = True) -> tuple[Any, dict[str, torch.Tensor], Any]:
+        """Read and convert a group. Streamed layers use the pooled buffers and the CUDA stager;
+        resident ones (kept for the model's life, possibly larger than a layer) use neither."""
         keys = self.weight_map.groups[gid].keys
         with self.profiler.section("read"):
-            raw = self.reader.read(keys)
+            if self._pool is not None and streamed:
+                buffer = self._buffers[gid] = self._pool.acquire()
+                raw = self.reader.read(keys, out=buffer)
+            else:
+                raw = self.reader.read(keys)
         with self.profiler.section("copy" if self.stager is not None else "convert"):
-            tensors, ready = self.weight_map.materialize(gid, raw, self.stager if staged else None)
+            tensors, ready = self.weight_map.materialize(gid, raw, self.stager if streamed else None)
         return raw, tensors, ready
 
     def _assign(self, gid: int, fetched: tuple[Any, dict[str, torch.Tensor], Any]) -> None:
@@ -72,10 +82,18 @@ class LayerStreamer:
 
     def load_now(self, gid: int) -> None:
         # Resident parts can be larger than a staging buffer: plain synchronous copies.
-        self._assign(gid, self._fetch(gid, staged=False))
+        self._assign(gid, self._fetch(gid, streamed=False))
 
     def load_resident(self) -> None:
-        self.load_now(RESIDENT)
+        keys = self.weight_map.groups[RESIDENT].keys
+        raw = self.reader.read(keys)
+        if raw and not any(isinstance(view.obj, mmap.mmap) for view in raw.values()):
+            # Remote storage: read streamed layers into pooled buffers rather than fresh ones.
+            largest = max(self.weight_map.nbytes(i) for i in range(self.num_layers))
+            self._pool = BufferPool(largest, count=self.prefetch + 2)
+        with self.profiler.section("convert"):
+            tensors, _ = self.weight_map.materialize(RESIDENT, raw)
+        self.weight_map.assign(RESIDENT, tensors, raw)
         for i in sorted(self.resident_layers):
             self.load_now(i)
 
@@ -103,6 +121,9 @@ class LayerStreamer:
     def _after(self, i: int, module: torch.nn.Module, args: Any, output: Any) -> None:
         self.weight_map.release(i)
         self._loaded.discard(i)
+        buffer = self._buffers.pop(i, None)
+        if buffer is not None:
+            self._pool.release(buffer)
 
     # ---- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
