@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rabbit_store.errors import InvalidOptionError, RabbitError
 
-__all__ = ["InvalidOptionError", "MemoryBudgetError", "RabbitError", "UnsupportedModelError", "WeightMismatchError"]
+__all__ = ["InvalidOptionError", "MemoryBudgetError", "PickleRefusedError", "RabbitError", "UnsupportedModelError", "WeightMismatchError"]
 
 
 class UnsupportedModelError(RabbitError):
@@ -17,3 +17,7 @@ class WeightMismatchError(RabbitError):
 
 class MemoryBudgetError(RabbitError):
     """The memory budget cannot hold what streaming needs at minimum."""
+
+
+class PickleRefusedError(RabbitError):
+    """The checkpoint is pickle-only and the caller did not opt in with allow_pickle=True."""

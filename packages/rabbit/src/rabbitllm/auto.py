@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import warnings
@@ -11,10 +12,13 @@ import torch
 from transformers import PreTrainedModel
 
 from rabbit_engine import load_config, load_streaming_model
-from rabbit_engine.errors import InvalidOptionError
+from rabbit_engine.errors import InvalidOptionError, PickleRefusedError
 from rabbit_engine.loader import DEFAULT_PREFETCH
+from rabbit_engine.pickle_import import convert_pickle_checkpoint, pickle_files
 from rabbit_models import adapter_for
 from rabbit_store import CheckpointIndex, open_source
+from rabbit_store.errors import CheckpointNotFoundError
+from rabbitllm.default_model import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +47,15 @@ class AutoModel:
         prefetch: int = DEFAULT_PREFETCH,
         profile: bool = False,
         local_cache: bool | str = False,
+        allow_pickle: bool = False,
         **kwargs: Any,
     ) -> PreTrainedModel:
         """Load `source` (local dir, hub id, or fsspec URL) for layer streaming.
 
         `layers_path` points at a split directory (`rabbit split`); weights are then read from there
         while config and generation settings come from `source`. `torch_dtype` is accepted as an
-        alias of `dtype`, like transformers does.
+        alias of `dtype`, like transformers does. `allow_pickle=True` lets a `*.bin`/`*.pt`-only
+        checkpoint be converted once to safetensors (with `torch.load(weights_only=True)`).
         """
         if hf_token is not None:
             warnings.warn("hf_token= is deprecated; pass token= instead.", FutureWarning, stacklevel=2)
@@ -67,11 +73,12 @@ class AutoModel:
         if layers_path is not None:
             weights_src = open_source(layers_path, token=token, storage_options=storage_options,
                                       local_cache=local_cache)
+        weights_src, index = _index(weights_src, allow_pickle=allow_pickle, revision=revision)
         return load_streaming_model(
             weights_src,
             config=config,
             adapter=adapter_for(config),
-            index=CheckpointIndex.load(weights_src),
+            index=index,
             device=device,
             dtype=dtype,
             attn_implementation=attn_implementation,
@@ -79,3 +86,23 @@ class AutoModel:
             prefetch=prefetch,
             profile=profile,
         )
+
+
+def _index(source, *, allow_pickle: bool, revision: str | None):
+    """The checkpoint index; a pickle-only checkpoint is refused or, if allowed, converted once."""
+    try:
+        return source, CheckpointIndex.load(source)
+    except CheckpointNotFoundError:
+        pickles = pickle_files(source)
+        if not pickles:
+            raise
+    if not allow_pickle:
+        raise PickleRefusedError(
+            f"{source.location} holds only pickle weights ({', '.join(pickles[:3])}); loading pickle can run "
+            "code, so it is refused. Convert it to safetensors (transformers: "
+            "AutoModelForCausalLM.from_pretrained(src).save_pretrained(dst)), or pass allow_pickle=True "
+            "(--allow-pickle) to convert it once with torch.load(weights_only=True)."
+        )
+    key = hashlib.sha256(f"{source.location}@{revision}".encode()).hexdigest()[:16]
+    converted = open_source(convert_pickle_checkpoint(source, cache_root() / "converted" / key))
+    return converted, CheckpointIndex.load(converted)

@@ -1,0 +1,92 @@
+"""Opt-in import of pickle checkpoints (`*.bin`, `*.pt`): converted once to safetensors, then streamed.
+
+Unpickling can run arbitrary code, so this only happens with `allow_pickle=True`, and even then only
+through `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
+The converted copy is what gets streamed: the engine itself reads safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from safetensors.torch import save_file
+
+from rabbit_store.errors import InvalidCheckpointError
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+_COPIED = ("config.json", "generation_config.json")
+_MARKER = ".rabbit-converted"
+
+
+def pickle_files(source) -> list[str]:
+    """The checkpoint's pickle weight files (from its index when it has one)."""
+    if source.exists("pytorch_model.bin.index.json"):
+        return sorted(set(source.read_json("pytorch_model.bin.index.json")["weight_map"].values()))
+    return sorted(n for n in source.list_files() if n.endswith(PICKLE_SUFFIXES) and "/" not in n)
+
+
+def _load(path: str, name: str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # weights_only refuses code objects: never fall back to a full unpickle
+        raise InvalidCheckpointError(
+            f"{name}: torch.load(weights_only=True) refused or failed to read it ({type(exc).__name__}: {exc}). "
+            "It may contain code; RabbitLLM never unpickles arbitrary objects."
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InvalidCheckpointError(f"{name}: not a state dict of tensors.")
+    return state
+
+
+def convert_pickle_checkpoint(source, dest: Path) -> Path:
+    """Write `dest` (a safetensors checkpoint) from `source`'s pickle files, once; returns `dest`."""
+    dest = Path(dest)
+    if (dest / _MARKER).exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if (dest / _MARKER).exists():
+            return dest
+        work = Path(tempfile.mkdtemp(prefix=dest.name + ".", suffix=".incomplete", dir=dest.parent))
+        try:
+            weight_map: dict[str, str] = {}
+            for name in pickle_files(source):
+                path = source.local_path(name)
+                if path is None:
+                    path = str(work / ("download-" + os.path.basename(name)))
+                    Path(path).write_bytes(source.read_bytes(name))
+                state = _load(path, name)
+                seen: set[int] = set()
+                tensors = {}
+                for key, tensor in state.items():
+                    # safetensors refuses shared storage (tied weights): give each tensor its own.
+                    ptr = tensor.untyped_storage().data_ptr()
+                    tensors[key] = tensor.contiguous().clone() if ptr in seen else tensor.contiguous()
+                    seen.add(ptr)
+                out = Path(name).stem + ".safetensors"
+                save_file(tensors, str(work / out), metadata={"format": "pt"})
+                weight_map.update({key: out for key in tensors})
+                if path.startswith(str(work)):
+                    os.remove(path)
+            (work / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+            for name in _COPIED:
+                if source.exists(name):
+                    (work / name).write_bytes(source.read_bytes(name))
+            (work / _MARKER).write_text("complete\n")
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(work, dest)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    logger.info("Converted the pickle checkpoint %s to safetensors in %s", source.location, dest)
+    return dest
