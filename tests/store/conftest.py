@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from store_helpers import Checkpoint, model_tensors, odd_shards, write_checkpoint
+
+from .store_helpers import Checkpoint, model_tensors, odd_shards, write_checkpoint
 
 
 @pytest.fixture

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from store_helpers import Checkpoint
 
 from rabbit_store.cli import add_subcommands, main, parse_storage_options
 from rabbit_store.errors import InvalidOptionError
+
+from .store_helpers import Checkpoint
 
 
 def rabbit_store(*args: str) -> subprocess.CompletedProcess[str]:

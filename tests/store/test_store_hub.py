@@ -10,11 +10,12 @@ from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
-from store_helpers import COMMIT, Checkpoint, make_hub_cache, sha256_file, tensors_of
 
 from rabbit_store import CheckpointIndex, LayerPlan, LayerReader, open_source, split_checkpoint
 from rabbit_store.errors import CheckpointNotFoundError, InvalidOptionError, ShardNotFoundError
 from rabbit_store.hub import HubCacheSource, HubSource
+
+from .store_helpers import COMMIT, Checkpoint, make_hub_cache, sha256_file, tensors_of
 
 REPO = "rabbit-org/tiny-model"
 

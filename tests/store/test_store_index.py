@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from store_helpers import Checkpoint, model_tensors, write_checkpoint
 
 from rabbit_store import CheckpointIndex, open_source
 from rabbit_store.errors import (
@@ -16,6 +15,8 @@ from rabbit_store.errors import (
     IndexFileError,
     ShardNotFoundError,
 )
+
+from .store_helpers import Checkpoint, model_tensors, write_checkpoint
 
 
 def load(path: Path) -> CheckpointIndex:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from store_helpers import Checkpoint
 
 from rabbit_store import CheckpointIndex, LayerPlan, TensorInfo, open_source
 from rabbit_store.errors import IncompleteLayerError, LayerLayoutError
 from rabbit_store.plan import infer_layer_prefix
+
+from .store_helpers import Checkpoint
 
 
 def fake_index(names: list[str]) -> CheckpointIndex:

@@ -7,11 +7,12 @@ import mmap
 import fsspec
 from fsspec.implementations.memory import MemoryFileSystem
 import pytest
-from store_helpers import Checkpoint, upload
 
 from rabbit_store import CheckpointIndex, LayerPlan, LayerReader, open_source
 from rabbit_store.errors import InvalidOptionError
 from rabbit_store.reader import coalesce, packed_layout
+
+from .store_helpers import Checkpoint, upload
 
 
 def open_all(location: str, **options):

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from store_helpers import Checkpoint, upload
 
 from rabbit_store import CheckpointIndex, LayerPlan, LayerReader, open_source, split_checkpoint, verify_split
 from rabbit_store.errors import CheckpointNotFoundError
+
+from .store_helpers import Checkpoint, upload
 
 
 def read_layers(location: str, **options) -> tuple[LayerPlan, dict[str, bytes]]:

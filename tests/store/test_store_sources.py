@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from store_helpers import Checkpoint
 
 from rabbit_store import FsspecSource, open_source, register_opener
 from rabbit_store.errors import CheckpointNotFoundError, InvalidCheckpointError, InvalidOptionError
 from rabbit_store.sources import relative_name
+
+from .store_helpers import Checkpoint
 
 
 def test_local_directory(sharded: Checkpoint):

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import filelock
 import pytest
-from store_helpers import Checkpoint, model_tensors, odd_shards, sha256_file, tensors_of, write_checkpoint
 
 import rabbit_store.split as split_module
 from rabbit_store import CheckpointIndex, LayerPlan, LayerReader, open_source, split_checkpoint, verify_split
 from rabbit_store.errors import InvalidOptionError, ManifestNotFoundError, SplitCorruptedError
 from rabbit_store.manifest import MANIFEST_FILE, PARTIAL_MANIFEST_FILE
+
+from .store_helpers import Checkpoint, model_tensors, odd_shards, sha256_file, tensors_of, write_checkpoint
 
 
 def same_tensors(path: Path, checkpoint: Checkpoint) -> None:
