@@ -71,7 +71,7 @@ class Profiler:
 
         def summarize(chunk: list[dict[str, float]]) -> dict[str, float]:
             n = max(len(chunk), 1)
-            return {c: sum(s.get(c, 0.0) for s in chunk) / n for c in (*CATEGORIES, "total")}
+            return {c: sum(s.get(c, 0.0) for s in chunk) / n for c in (*CATEGORIES, "total", "tokens")}
 
         decode = steps[1:]
         per_step = summarize(decode or steps)
