@@ -35,6 +35,15 @@ def load_config(source, *, trust_remote_code: bool = False) -> PretrainedConfig:
         )
     if model_type in CONFIG_MAPPING and "auto_map" not in data:
         return CONFIG_MAPPING[model_type].from_dict(data)
+    if not trust_remote_code and "auto_map" not in data:
+        from rabbit_engine.skeleton import supported_model_types
+
+        raise UnsupportedModelError(
+            f"{source.location}/config.json: model_type={model_type!r} is not a model type this "
+            f"transformers knows; supported model types: {', '.join(supported_model_types())}. Upgrade "
+            "transformers if the family is newer; pass trust_remote_code=True only if the checkpoint "
+            "ships its own code and you trust its authors."
+        )
     if not trust_remote_code:
         raise UnsupportedModelError(
             f"{source.location}: model_type={model_type!r} is not built into transformers and needs the "

@@ -18,15 +18,19 @@ from rabbit_engine.errors import UnsupportedModelError
 logger = logging.getLogger(__name__)
 
 
+def supported_model_types() -> list[str]:
+    """model_type of every causal-LM class this transformers ships, sorted."""
+    return sorted({c.model_type for c in MODEL_FOR_CAUSAL_LM_MAPPING.keys() if c.model_type})
+
+
 def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     """transformers' own causal-LM class for this config (no remote code)."""
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:
-        supported = sorted({c.model_type for c in MODEL_FOR_CAUSAL_LM_MAPPING.keys() if c.model_type})
         raise UnsupportedModelError(
             f"model_type={config.model_type!r} has no causal-LM class in transformers; "
-            f"supported model types: {', '.join(supported)}."
+            f"supported model types: {', '.join(supported_model_types())}."
         ) from None
 
 
