@@ -9,6 +9,7 @@ discarded. Either way the split trusts a file only once its sha256 is in the res
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -29,6 +30,18 @@ logger = logging.getLogger(__name__)
 LOCK_FILE = ".rabbit-split.lock"
 TEMP_SUFFIX = ".incomplete"
 HASH_CHUNK = 16 * 1024 * 1024
+
+
+def write_all(handle: IO[bytes], data: bytes | memoryview) -> None:
+    """Write every byte: an unbuffered file may take only part of a write (a disk filling up)."""
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        done = handle.write(view)
+        if done is None:  # a buffered writer that took everything
+            return
+        if done == 0:
+            raise OSError(errno.EIO, "the destination accepted no bytes")
+        view = view[done:]
 
 
 class Destination:
@@ -90,7 +103,7 @@ class Destination:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         with self.open_atomic(name) as handle:
-            handle.write(data)
+            write_all(handle, data)
 
     def remove_temporaries(self) -> int:
         """Delete `.*.incomplete` leftovers of interrupted local writes (call under the lock)."""

@@ -14,7 +14,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CheckpointNotFoundError, IndexFileError, InvalidCheckpointError, ShardNotFoundError
+from .errors import (
+    CheckpointNotFoundError,
+    IndexFileError,
+    InvalidCheckpointError,
+    ShardNotFoundError,
+    SplitCorruptedError,
+)
+from .manifest import MANIFEST_FILE, PARTIAL_MANIFEST_FILE, FileEntry, Manifest
 from .safetensors_header import LENGTH_BYTES, TensorInfo, parse_header, parse_length
 from .sources import Source, relative_name
 
@@ -22,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+#: Index files above this size are refused before reading (the largest real ones are a few MB).
+MAX_INDEX_BYTES = 100_000_000
+#: Chunk size of the checksum pass of verify_checksums.
+HASH_CHUNK = 16 * 1024 * 1024
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -36,10 +47,18 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _read_weight_map(source: Source) -> dict[str, str]:
     """The index's weight_map, with every shard name checked to stay inside the model directory."""
     where = f"{source.location}/{INDEX_FILE}"
+    size = source.size(INDEX_FILE)
+    if size > MAX_INDEX_BYTES:
+        raise IndexFileError(
+            f"{where} is {size} bytes, above the {MAX_INDEX_BYTES}-byte cap for an index; it is not "
+            "a model index: re-download it."
+        )
     try:
         raw = json.loads(source.read_bytes(INDEX_FILE), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IndexFileError(f"{where} is not valid JSON ({exc}); re-download it.") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise IndexFileError(
+            f"{where} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]}); re-download it."
+        ) from None
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise IndexFileError(
@@ -68,8 +87,14 @@ class CheckpointIndex:
     fingerprint: str = ""
 
     @classmethod
-    def load(cls, source: Source) -> CheckpointIndex:
-        """Index `source`: sharded (via the index file) or single-file; strict validation."""
+    def load(cls, source: Source, *, verify_checksums: bool = False) -> CheckpointIndex:
+        """Index `source`: sharded (via the index file) or single-file; strict validation.
+
+        A split directory (with rabbit-split.json) has each file's size and header checked against
+        the manifest, always; `verify_checksums=True` also reads every file once and checks its
+        sha256 (a flipped bit inside tensor data is only found that way). Other checkpoints have no
+        checksums to compare with: the option then only logs a warning.
+        """
         if source.exists(INDEX_FILE):
             weight_map = _read_weight_map(source)
             files = list(dict.fromkeys(weight_map.values()))
@@ -87,6 +112,9 @@ class CheckpointIndex:
             )
 
         sizes = {f: source.size(f) for f in files}
+        manifest = _split_manifest(source)
+        if manifest is not None:
+            _check_sizes(source, manifest, sizes)
         prefixes = source.cat_ranges(files, [0] * len(files), [min(LENGTH_BYTES, sizes[f]) for f in files])
         lengths = {
             f: parse_length(p, file=f"{source.location}/{f}", file_size=sizes[f])
@@ -95,6 +123,16 @@ class CheckpointIndex:
         headers = source.cat_ranges(
             files, [LENGTH_BYTES] * len(files), [LENGTH_BYTES + lengths[f] for f in files]
         )
+
+        if manifest is not None:
+            _check_headers(source, manifest, files, prefixes, headers)
+            if verify_checksums:
+                _check_checksums(source, manifest, files)
+        elif verify_checksums:
+            logger.warning(
+                "%s has no %s: nothing to check sha256 against (only splits carry checksums); "
+                "sizes and headers were checked", source.location, MANIFEST_FILE,
+            )
 
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, dict[str, str]] = {}
@@ -161,12 +199,73 @@ class CheckpointIndex:
         )
 
 
+def _split_manifest(source: Source) -> Manifest | None:
+    """The manifest of a finished split, or None for any other checkpoint."""
+    if not source.exists(MANIFEST_FILE):
+        return None
+    return Manifest.from_json(source.read_bytes(MANIFEST_FILE), where=f"{source.location}/{MANIFEST_FILE}")
+
+
+def _corrupted(source: Source, problems: dict[str, str]) -> SplitCorruptedError:
+    listed = "; ".join(f"{source.location}/{name}: {problem}" for name, problem in problems.items())
+    return SplitCorruptedError(
+        f"{listed}. The split is corrupted: run `rabbit-store verify {source.location}` and split "
+        "the checkpoint again (a rerun rewrites only the bad files).",
+        list(problems),
+    )
+
+
+def _entries(manifest: Manifest, files: list[str]) -> list[tuple[str, FileEntry]]:
+    return [(f, e) for f in files if (e := manifest.entry(f)) is not None]
+
+
+def _check_sizes(source: Source, manifest: Manifest, sizes: dict[str, int]) -> None:
+    problems = {
+        f: f"{sizes[f]} bytes, but {e.size} in {MANIFEST_FILE} (truncated or overwritten)"
+        for f, e in _entries(manifest, list(sizes)) if sizes[f] != e.size
+    }
+    if problems:
+        raise _corrupted(source, problems)
+
+
+def _check_headers(
+    source: Source, manifest: Manifest, files: list[str], prefixes: list[bytes], headers: list[bytes]
+) -> None:
+    recorded = dict(_entries(manifest, files))
+    problems = {}
+    for f, prefix, header in zip(files, prefixes, headers):
+        entry = recorded.get(f)
+        if entry is not None and entry.header_sha256:
+            if hashlib.sha256(bytes(prefix) + bytes(header)).hexdigest() != entry.header_sha256:
+                problems[f] = f"header differs from the one recorded in {MANIFEST_FILE}"
+    if problems:
+        raise _corrupted(source, problems)
+
+
+def _check_checksums(source: Source, manifest: Manifest, files: list[str]) -> None:
+    problems = {}
+    for f, entry in _entries(manifest, files):
+        digest = hashlib.sha256()
+        with source.open(f) as handle:
+            while chunk := handle.read(HASH_CHUNK):
+                digest.update(chunk)
+        if digest.hexdigest() != entry.sha256:
+            problems[f] = f"sha256 {digest.hexdigest()}, but {entry.sha256} in {MANIFEST_FILE}"
+    if problems:
+        raise _corrupted(source, problems)
+
+
 def _no_checkpoint_message(source: Source) -> str:
     try:
         present = source.list_files()
     except Exception:  # noqa: BLE001 - only used to word the message better
         present = []
     hint = "pass the directory (or repo) that holds model.safetensors or model.safetensors.index.json"
+    if PARTIAL_MANIFEST_FILE in present:
+        return (
+            f"{source.location}: an unfinished split (it holds {PARTIAL_MANIFEST_FILE}, no "
+            f"{INDEX_FILE} yet); rerun `rabbit-store split SRC {source.location}` to finish it."
+        )
     other = [f for f in present if f.endswith((".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5"))]
     if other:
         hint = (

@@ -24,7 +24,12 @@ PARTS = ("embeddings", "layer", "norm", "lm_head", "other", "aux")
 
 @dataclass
 class FileEntry:
-    """One file of a split: its part of the model, size, sha256 and (safetensors) tensor names."""
+    """One file of a split: its part of the model, size, sha256 and (safetensors) tensor names.
+
+    `header_sha256` (sha256 of the 8-byte length and the JSON header) lets every load check a
+    layer file's header against the manifest for the price of the header read it does anyway;
+    "" in manifests written before it existed.
+    """
 
     name: str
     part: str
@@ -32,6 +37,7 @@ class FileEntry:
     sha256: str
     layer: int | None = None
     tensors: list[str] = field(default_factory=list)
+    header_sha256: str = ""
 
 
 @dataclass

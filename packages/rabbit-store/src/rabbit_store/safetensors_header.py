@@ -44,6 +44,8 @@ DTYPE_BITS: dict[str, int] = {
 #: The safetensors library refuses headers above 100 MB; so do we, before allocating anything.
 MAX_HEADER_BYTES = 100_000_000
 LENGTH_BYTES = 8
+#: Tensor sizes are computed exactly up to this many bytes, and reported as "more" past it.
+SIZE_BOUND = 1 << 64
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,19 @@ def tensor_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int | None:
     return bits // 8 if bits % 8 == 0 else None
 
 
+def _bounded_nbytes(dtype: str, shape: list[int], limit: int) -> int | None:
+    """tensor_nbytes, but None as soon as the size passes `limit`: a header from the internet may
+    hold a shape of a million huge dimensions, whose exact product would take minutes to compute."""
+    if 0 in shape:
+        return 0
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count * DTYPE_BITS[dtype] > 8 * limit:
+            return None
+    return tensor_nbytes(dtype, [count])
+
+
 def parse_length(prefix: bytes, *, file: str, file_size: int) -> int:
     """Decode and bound the header length from a file's first 8 bytes."""
     if file_size < LENGTH_BYTES or len(prefix) < LENGTH_BYTES:
@@ -94,11 +109,17 @@ def parse_length(prefix: bytes, *, file: str, file_size: int) -> int:
     return length
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """repr for an error message, cut short: headers come from the internet and may hold megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise HeaderError(f"duplicate key {key!r}")
+            raise HeaderError(f"duplicate key {_short(key)}")
         seen[key] = value
     return seen
 
@@ -117,17 +138,19 @@ def parse_header(
         raw = json.loads(header.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except HeaderError as exc:
         raise HeaderError(f"{file}: header has a {exc}; the file is corrupt: re-download it.") from None
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: JSON nested thousands deep (no real header is nested more than 3 levels).
         raise HeaderError(
-            f"{file}: header is not valid UTF-8 JSON ({exc}); the file is corrupt or not "
-            "safetensors: re-download it."
+            f"{file}: header is not valid UTF-8 JSON ({type(exc).__name__}: {str(exc)[:200]}); the "
+            "file is corrupt or not safetensors: re-download it."
         ) from None
     if not isinstance(raw, dict):
         raise HeaderError(
             f"{file}: header is JSON {type(raw).__name__}, expected an object; the file is not "
             "safetensors: re-download it."
         )
-    metadata = raw.pop("__metadata__", None) or {}
+    metadata = raw.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -138,20 +161,20 @@ def parse_header(
     spans: list[tuple[int, int, str]] = []
     infos: dict[str, TensorInfo] = {}
     for name, entry in raw.items():
-        where = f"{file}: tensor {name!r}"
+        where = f"{file}: tensor {_short(name)}"
         if not isinstance(entry, dict):
             raise HeaderError(f"{where}: entry is not an object; the file is corrupt: re-download it.")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPE_BITS:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise HeaderError(
-                f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPE_BITS)}); the file is "
+                f"{where}: unknown dtype {_short(dtype, 40)} (known: {', '.join(DTYPE_BITS)}); the file is "
                 "corrupt or from a newer safetensors: upgrade or re-download."
             )
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
             raise HeaderError(
-                f"{where}: shape {shape!r} is not a list of non-negative integers; the file is "
+                f"{where}: shape {_short(shape)} is not a list of non-negative integers; the file is "
                 "corrupt: re-download it."
             )
         if (
@@ -161,7 +184,7 @@ def parse_header(
             or not 0 <= offsets[0] <= offsets[1]
         ):
             raise HeaderError(
-                f"{where}: data_offsets {offsets!r} must be [begin, end] with 0 <= begin <= end; "
+                f"{where}: data_offsets {_short(offsets)} must be [begin, end] with 0 <= begin <= end; "
                 "the file is corrupt: re-download it."
             )
         begin, end = offsets
@@ -170,11 +193,13 @@ def parse_header(
                 f"{where}: data_offsets end {end} is past the {data_size} data bytes of the file; "
                 "the file is truncated: re-download it."
             )
-        expected = tensor_nbytes(dtype, shape)
+        expected = _bounded_nbytes(dtype, shape, SIZE_BOUND)
         if expected != end - begin:
+            needs = "more than 2**64" if expected is None else str(expected)
+            shown = str(shape) if len(shape) <= 8 else f"{_short(shape)} ({len(shape)} dims)"
             raise HeaderError(
-                f"{where}: {end - begin} bytes in data_offsets but shape {shape} of {dtype} needs "
-                f"{expected}; the file is corrupt: re-download it."
+                f"{where}: {end - begin} bytes in data_offsets but shape {shown} of {dtype} needs "
+                f"{needs}; the file is corrupt: re-download it."
             )
         spans.append((begin, end, name))
         infos[name] = TensorInfo(
@@ -190,7 +215,7 @@ def parse_header(
     for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
         if begin < prev_end:
             raise HeaderError(
-                f"{file}: tensors {prev!r} and {name!r} overlap in the data section; the file is "
+                f"{file}: tensors {_short(prev)} and {_short(name)} overlap in the data section; the file is "
                 "corrupt: re-download it."
             )
     ordered = {name: infos[name] for _, _, name in spans}

@@ -11,16 +11,20 @@ to the opener registered for that scheme; everything above (index, reader, split
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import posixpath
+import random
 import re
+import sys
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -31,6 +35,7 @@ from .errors import (
     InvalidCheckpointError,
     InvalidOptionError,
     MissingDependencyError,
+    RabbitError,
     StorageError,
 )
 
@@ -73,11 +78,25 @@ def relative_name(name: object, *, where: str = "file name") -> str:
     return normal
 
 
+#: errno values of a full destination: no space, quota exceeded, file-size limit.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def _missing_credentials(exc: BaseException) -> bool:
+    """botocore's NoCredentialsError / PartialCredentialsError (not OSErrors), without importing it."""
+    module = sys.modules.get("botocore.exceptions")
+    names = ("NoCredentialsError", "PartialCredentialsError")
+    kinds = tuple(k for k in (getattr(module, n, None) for n in names) if isinstance(k, type))
+    return bool(kinds) and isinstance(exc, kinds)
+
+
 @contextmanager
 def storage_errors(what: str) -> Iterator[None]:
     """Turn backend exceptions (fsspec maps most to OSError subclasses) into RabbitErrors."""
     try:
         yield
+    except RabbitError:
+        raise
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(f"{what}: not found ({exc}); check the location.") from exc
     except PermissionError as exc:
@@ -85,7 +104,99 @@ def storage_errors(what: str) -> Iterator[None]:
             f"{what}: access denied ({exc}); check the credentials (storage_options / --token)."
         ) from exc
     except OSError as exc:
+        if exc.errno in NO_SPACE_ERRNOS:
+            raise StorageError(
+                f"{what}: no space left on the device ({os.strerror(exc.errno)}); free some space "
+                "there or choose another destination."
+            ) from exc
         raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        if _missing_credentials(exc):
+            raise AccessDeniedError(
+                f"{what}: no credentials found ({exc}); pass storage_options={{'key': ..., 'secret': ...}} "
+                "(--storage-option key=... --storage-option secret=...), set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or use anon=True for a public bucket."
+            ) from exc
+        raise
+
+
+#: Attempts of one remote read before giving up; only transient errors are retried.
+READ_ATTEMPTS = 5
+#: Backoff before retry k (1-based): RETRY_BASE_DELAY * 2**(k-1), capped at RETRY_MAX_DELAY, times a
+#: random factor in [0.5, 1.5) so that many readers do not retry in lockstep.
+RETRY_BASE_DELAY = 0.25
+RETRY_MAX_DELAY = 8.0
+#: errno values a backend uses for a failure worth retrying (s3fs: 503 SlowDown -> EBUSY, 500 ->
+#: EREMOTEIO; sockets: resets, timeouts).
+TRANSIENT_ERRNOS = frozenset({
+    errno.EBUSY, errno.EREMOTEIO, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+    errno.EAGAIN,
+})
+#: Connection-level exception types of the HTTP clients fsspec backends use, looked up only when
+#: that client is already imported (it raised the error, so it is).
+_CLIENT_ERRORS = (
+    ("aiohttp", ("ClientConnectionError", "ClientPayloadError", "ServerTimeoutError")),
+    ("httpx", ("TransportError",)),
+    ("requests", ("ConnectionError", "Timeout")),
+    ("botocore.exceptions",
+     ("HTTPClientError", "ConnectionError", "ReadTimeoutError", "ResponseStreamingError")),
+)
+
+T = TypeVar("T")
+
+
+def _status_code(exc: BaseException) -> int | None:
+    for value in (getattr(exc, "status", None), getattr(exc, "status_code", None),
+                  getattr(getattr(exc, "response", None), "status_code", None)):
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures a retry can cure: connection resets, timeouts, HTTP 5xx and 429."""
+    if isinstance(exc, RabbitError):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+        return True
+    status = _status_code(exc)
+    if status is not None:
+        return status >= 500 or status == 429
+    for module_name, names in _CLIENT_ERRORS:
+        module = sys.modules.get(module_name)
+        kinds = tuple(k for k in (getattr(module, n, None) for n in names) if isinstance(k, type))
+        if kinds and isinstance(exc, kinds):
+            return True
+    return False
+
+
+def with_retries(what: str, call: Callable[[], T]) -> T:
+    """`call()`, retried with exponential backoff and jitter while it fails transiently.
+
+    Each retry logs a warning. Other errors are not retried; errors, and the last transient one,
+    come out as RabbitErrors naming `what` (see storage_errors).
+    """
+    with storage_errors(what):
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                return call()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if attempt == READ_ATTEMPTS:
+                    raise StorageError(
+                        f"{what}: {type(exc).__name__}: {exc} (still failing after {READ_ATTEMPTS} "
+                        "attempts); check the network and the storage service, then retry."
+                    ) from exc
+                delay = min(RETRY_MAX_DELAY, RETRY_BASE_DELAY * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+                logger.warning(
+                    "%s: %s: %s; retrying in %.3f s (attempt %d of %d)",
+                    what, type(exc).__name__, exc, delay, attempt + 1, READ_ATTEMPTS,
+                )
+                time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
 
 class Source(ABC):
@@ -161,25 +272,30 @@ class FsspecSource(Source):
         return posixpath.join(self.root, relative_name(name))
 
     def list_files(self) -> list[str]:
-        with storage_errors(self.location):
-            found = self.fs.find(self.root)
+        found = with_retries(self.location, lambda: self.fs.find(self.root))
         prefix = self.fs._strip_protocol(self.root).rstrip("/") + "/"
         return sorted(p[len(prefix) :] for p in found if p.startswith(prefix))
 
     def exists(self, name: str) -> bool:
-        with storage_errors(f"{self.location}/{name}"):
-            return bool(self.fs.isfile(self._path(name)))
+        path = self._path(name)
+        return bool(with_retries(f"{self.location}/{name}", lambda: self.fs.isfile(path)))
 
     def size(self, name: str) -> int:
-        with storage_errors(f"{self.location}/{name}"):
-            return int(self.fs.size(self._path(name)))
+        path = self._path(name)
+        return int(with_retries(f"{self.location}/{name}", lambda: self.fs.size(path)))
 
     def cat_ranges(self, names: Sequence[str], starts: Sequence[int], ends: Sequence[int]) -> list[bytes]:
         if not names:
             return []
         paths = [self._path(n) for n in names]
-        with storage_errors(f"{self.location} ({', '.join(sorted(set(names)))})"):
-            return list(self.fs.cat_ranges(paths, list(starts), list(ends), on_error="raise"))
+        what = f"{self.location} ({', '.join(sorted(set(names)))})"
+        return with_retries(
+            what, lambda: list(self.fs.cat_ranges(paths, list(starts), list(ends), on_error="raise"))
+        )
+
+    def read_bytes(self, name: str) -> bytes:
+        path = self._path(name)
+        return bytes(with_retries(f"{self.location}/{name}", lambda: self.fs.cat_file(path)))
 
     def open(self, name: str) -> BinaryIO:
         with storage_errors(f"{self.location}/{name}"):

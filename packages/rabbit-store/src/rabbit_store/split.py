@@ -30,11 +30,12 @@ from typing import IO, Any
 from fsspec.implementations.local import LocalFileSystem
 from tqdm.auto import tqdm
 
-from .destination import Destination
+from .destination import Destination, write_all
 from .errors import (
     HeaderError,
     InvalidOptionError,
     ManifestNotFoundError,
+    RabbitError,
     ShardNotFoundError,
     SplitCorruptedError,
     SplitError,
@@ -44,7 +45,7 @@ from .manifest import MANIFEST_FILE, PARTIAL_MANIFEST_FILE, FileEntry, Manifest
 from .plan import LayerPlan
 from .reader import PART_BYTES, coalesce
 from .safetensors_header import LENGTH_BYTES, TensorInfo, build_header, parse_header, parse_length
-from .sources import FsspecSource, Source, open_source
+from .sources import FsspecSource, Source, open_source, storage_errors
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,13 @@ class VerifyResult:
         return not self.problems
 
 
+def _header_digest(dest: Destination, entry: FileEntry) -> str:
+    """sha256 of a written file's length prefix and JSON header."""
+    head = dest.read_bytes(entry.name, 0, min(entry.size, LENGTH_BYTES))
+    length = parse_length(head, file=entry.name, file_size=entry.size)
+    return hashlib.sha256(head + dest.read_bytes(entry.name, LENGTH_BYTES, LENGTH_BYTES + length)).hexdigest()
+
+
 def _check_file(dest: Destination, entry: FileEntry, *, check_hash: bool = True) -> str | None:
     """Why `entry` does not match the file on `dest`, or None when it does."""
     if not dest.exists(entry.name):
@@ -125,6 +133,8 @@ def _check_file(dest: Destination, entry: FileEntry, *, check_hash: bool = True)
             return f"bad header: {exc}"
         if sorted(tensors) != sorted(entry.tensors):
             return "tensors in the header differ from the manifest"
+        if entry.header_sha256 and hashlib.sha256(head + header).hexdigest() != entry.header_sha256:
+            return "header differs from the one recorded in the manifest"
     if check_hash:
         digest = dest.sha256(entry.name)
         if digest != entry.sha256:
@@ -257,11 +267,11 @@ class _Splitter:
         runs = source_runs(infos)
         digest = hashlib.sha256(header)
         with self.dest.open_atomic(name) as handle:
-            handle.write(header)
+            write_all(handle, header)
             if self.dest.local and self._all_local(runs):
                 return self._write_fast(handle, len(header), runs, digest, bar)
             for chunk in self._chunks(runs):
-                handle.write(chunk)
+                write_all(handle, chunk)
                 digest.update(chunk)
                 bar.update(len(chunk))
         done: Future[str] = Future()
@@ -290,6 +300,8 @@ class _Splitter:
         if problem:
             logger.info("rewriting %s: %s", planned.name, problem)
             return None
+        if not old.header_sha256:  # recorded by an older rabbit-store: take it from the file
+            old.header_sha256 = _header_digest(self.dest, old)
         return old
 
     def _finish(self, entry: FileEntry, sha256: Future[str] | None, pending: dict[str, set[str]]) -> None:
@@ -323,7 +335,10 @@ class _Splitter:
                     entry.sha256 = sha256.result()
                 self.manifest.files.append(entry)
             in_flight.clear()
-            self._save_progress()
+            try:
+                self._save_progress()
+            except (OSError, RabbitError) as exc:  # a full disk may refuse this too: keep the first error
+                logger.warning("could not record progress in %s: %s", self.dest.location, exc)
             raise
 
     def _delete_done_shards(self, pending: dict[str, set[str]], written: str) -> None:
@@ -359,6 +374,7 @@ class _Splitter:
                 entry = FileEntry(
                     name=name, part=part, layer=layer, size=len(header) + sum(i.nbytes for i in infos),
                     sha256="", tensors=[i.name for i in infos],
+                    header_sha256=hashlib.sha256(header).hexdigest(),
                 )
                 reused = self._reuse(entry)
                 if reused is not None:
@@ -483,11 +499,16 @@ def split_checkpoint(
         raise InvalidOptionError(
             f"split destination {dst.location} is the source directory; pass another directory."
         )
+    try:
+        # validated before the destination is touched: a bad checkpoint leaves nothing behind
+        checked: CheckpointIndex | None = CheckpointIndex.load(src)
+    except ShardNotFoundError:
+        checked = None  # maybe deleted by an interrupted delete_original split: decided below
     dst.makedirs()
     with dst.lock():
         dst.remove_temporaries()
         previous = _read_manifest(dst, PARTIAL_MANIFEST_FILE) or _read_manifest(dst, MANIFEST_FILE)
-        index = _load_index(src, previous)
+        index = checked if checked is not None else _load_index(src, previous)
         if previous is not None and previous.source_fingerprint != index.fingerprint:
             logger.warning(
                 "%s holds a split of another checkpoint (%s); overwriting it", dst.location, previous.source
@@ -496,7 +517,10 @@ def split_checkpoint(
         plan = LayerPlan.from_index(index, layer_prefix)
         splitter = _Splitter(src, index, plan, dst, previous, progress=progress, delete_original=delete_original)
         try:
-            return splitter.run()
+            # an OSError here is the destination's (a full disk) or the source's: one clear
+            # StorageError either way; the files written so far stay recorded for a rerun
+            with storage_errors(f"splitting {src.location} into {dst.location}"):
+                return splitter.run()
         finally:
             splitter.close()
 

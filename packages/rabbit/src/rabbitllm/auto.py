@@ -48,6 +48,7 @@ class AutoModel:
         profile: bool = False,
         local_cache: bool | str = False,
         allow_pickle: bool = False,
+        verify: bool = False,
         **kwargs: Any,
     ) -> PreTrainedModel:
         """Load `source` (local dir, hub id, or fsspec URL) for layer streaming.
@@ -56,6 +57,8 @@ class AutoModel:
         while config and generation settings come from `source`. `torch_dtype` is accepted as an
         alias of `dtype`, like transformers does. `allow_pickle=True` lets a `*.bin`/`*.pt`-only
         checkpoint be converted once to safetensors (with `torch.load(weights_only=True)`).
+        `verify=True` checks the sha256 of every file of a split (`rabbit-split.json`) before loading;
+        the sizes and headers of a split's files are checked always.
         """
         if hf_token is not None:
             warnings.warn("hf_token= is deprecated; pass token= instead.", FutureWarning, stacklevel=2)
@@ -73,7 +76,7 @@ class AutoModel:
         if layers_path is not None:
             weights_src = open_source(layers_path, token=token, storage_options=storage_options,
                                       local_cache=local_cache)
-        weights_src, index = _index(weights_src, allow_pickle=allow_pickle, revision=revision)
+        weights_src, index = _index(weights_src, allow_pickle=allow_pickle, revision=revision, verify=verify)
         return load_streaming_model(
             weights_src,
             config=config,
@@ -88,10 +91,10 @@ class AutoModel:
         )
 
 
-def _index(source, *, allow_pickle: bool, revision: str | None):
+def _index(source, *, allow_pickle: bool, revision: str | None, verify: bool = False):
     """The checkpoint index; a pickle-only checkpoint is refused or, if allowed, converted once."""
     try:
-        return source, CheckpointIndex.load(source)
+        return source, CheckpointIndex.load(source, verify_checksums=verify)
     except CheckpointNotFoundError:
         pickles = pickle_files(source)
         if not pickles:
