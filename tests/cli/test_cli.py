@@ -291,3 +291,54 @@ def test_console_redacts_secrets_everywhere(capsys):
     for secret in (SECRET, "AKIA123", "s3cr3t"):
         assert secret not in text
     assert "http://localhost:9000" in text and text.count("***") >= 5
+
+
+# ---- in process: the tokenizer of a remote store ----------------------------------------------------------
+def test_tokenizer_from_a_remote_store_is_fetched(default_model_cache):
+    """A store with no local paths (fsspec memory://): the tokenizer files are copied, then loaded."""
+    import uuid
+
+    import fsspec
+    from rabbit_store import open_source
+    from rabbitllm.cli.errors import TokenizerNotFoundError
+    from rabbitllm.cli.loading import load_tokenizer, tokenizer_files
+    from transformers import AutoTokenizer
+
+    fs = fsspec.filesystem("memory")
+    root = f"/rabbit-cli-{uuid.uuid4().hex}"
+    local = open_source(str(default_model_cache.model_dir))
+    names = tokenizer_files(local)
+    assert {"tokenizer.json", "tokenizer_config.json", "config.json"} <= set(names)
+    try:
+        for name in names:
+            fs.pipe(f"{root}/with/{name}", local.read_bytes(name))
+        fs.pipe(f"{root}/without/config.json", local.read_bytes("config.json"))
+        remote = open_source(f"memory://{root}/with")
+        assert remote.local_path("tokenizer.json") is None
+        tokenizer = load_tokenizer(remote)
+        expected = AutoTokenizer.from_pretrained(default_model_cache.model_dir)
+        assert tokenizer(PROMPT)["input_ids"] == expected(PROMPT)["input_ids"]
+        assert tokenizer.chat_template == expected.chat_template
+        with pytest.raises(TokenizerNotFoundError, match="has no tokenizer"):
+            load_tokenizer(open_source(f"memory://{root}/without"))
+    finally:
+        fs.rm(root, recursive=True)
+
+
+@pytest.mark.parametrize(
+    "argv, quiet",
+    [
+        (["--quiet", "generate", "x"], True),
+        (["generate", "x", "-q"], True),
+        (["generate", "x"], False),
+        (["--quiet", "split", "a", "b"], True),  # split defines its own --quiet; ours still counts
+        (["split", "a", "b", "--quiet"], True),
+        (["split", "a", "b"], False),
+    ],
+)
+def test_common_flags_before_or_after_the_command(argv, quiet):
+    from rabbitllm.cli.app import build_parser, merge_common_options
+
+    args = build_parser().parse_args(argv)
+    merge_common_options(args)
+    assert args.quiet is quiet and args.debug is False

@@ -20,15 +20,23 @@ from rabbitllm.cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, Usa
 
 COMMANDS = ("generate", "chat", "split", "inspect", "verify", "bench", "doctor")
 
-#: Options every subcommand takes. Subcommands get them with default=SUPPRESS so that a value given
-#: before the command (`rabbit --quiet generate`) is not overwritten by the subcommand's default.
+#: Options every subcommand takes, and `rabbit` itself before the command. The top-level copies get
+#: their own dests (`top_quiet`, ...) and are merged after parsing: a subcommand's default must not
+#: overwrite a value given before the command (`rabbit --quiet split ...`), whoever defined the flag.
 COMMON_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (
         ("--quiet", "-q"),
-        {"action": "store_true", "help": "no progress bars or notes; results only"},
+        {
+            "action": "store_true",
+            "dest": "quiet",
+            "help": "no progress bars or notes; results only",
+        },
     ),
-    (("--verbose", "-v"), {"action": "store_true", "help": "info logs"}),
-    (("--debug",), {"action": "store_true", "help": "debug logs, and tracebacks on errors"}),
+    (("--verbose", "-v"), {"action": "store_true", "dest": "verbose", "help": "info logs"}),
+    (
+        ("--debug",),
+        {"action": "store_true", "dest": "debug", "help": "debug logs, and tracebacks on errors"},
+    ),
 ]
 
 
@@ -47,21 +55,24 @@ def build_parser() -> Parser:
     from rabbitllm import __version__
 
     parser.add_argument("--version", action="version", version=f"rabbitllm {__version__}")
-    for flags, kwargs in COMMON_OPTIONS:
-        parser.add_argument(*flags, **kwargs)
     common = argparse.ArgumentParser(add_help=False)
-    suppressed = [
-        (flags, {**kwargs, "default": argparse.SUPPRESS}) for flags, kwargs in COMMON_OPTIONS
-    ]
-    for flags, kwargs in suppressed:
+    for flags, kwargs in COMMON_OPTIONS:
+        parser.add_argument(*flags, **{**kwargs, "dest": "top_" + kwargs["dest"]})
         common.add_argument(*flags, **kwargs)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     generate.add_parser(subparsers, common)
     chat.add_parser(subparsers, common)
-    store.add_parsers(subparsers, suppressed)
+    store.add_parsers(subparsers, COMMON_OPTIONS)
     bench.add_parser(subparsers, common)
     doctor.add_parser(subparsers, common)
     return parser
+
+
+def merge_common_options(args: argparse.Namespace) -> None:
+    """--quiet/--verbose/--debug given before or after the command: either counts."""
+    for _, kwargs in COMMON_OPTIONS:
+        dest = kwargs["dest"]
+        setattr(args, dest, bool(getattr(args, dest, False) or getattr(args, "top_" + dest, False)))
 
 
 def _argv_secrets(argv: Sequence[str]) -> list[str]:
@@ -95,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         console.error(str(exc), exc)
         return EXIT_USAGE
-    console.quiet, console.debug = bool(args.quiet), bool(args.debug)
+    merge_common_options(args)
+    console.quiet, console.debug = args.quiet, args.debug
     configure_logging(console, verbose=bool(args.verbose))
     if console.quiet:
         disable_progress_bars()
