@@ -45,14 +45,34 @@ def reference(default_model_cache):
 
 
 # ---- generate ------------------------------------------------------------------------------------------
-def test_generate_streams_the_greedy_text(default_model_cache, reference):
+def _offline_hub_cache(model_dir, root):
+    """A hub cache holding `model_dir` as repo rabbit-test/smollm2 (what `hf download` would leave)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / "models--rabbit-test--smollm2"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for path in model_dir.iterdir():
+        (snapshot / path.name).symlink_to(path)
+    return root
+
+
+def test_generate_streams_the_greedy_text(default_model_cache, reference, tmp_path):
     env = default_model_cache.env
+    hub_env = {
+        **env,
+        "HF_HUB_CACHE": str(_offline_hub_cache(default_model_cache.model_dir, tmp_path)),
+    }
     runs = {
         "arg": start_rabbit(["generate", PROMPT, "-n", N, "--chat", "--profile"], env),
         "stdin": start_rabbit(
             ["generate", "-n", N, "--quiet"], env, stdin=PROMPT + "\n"
         ),  # template by default
         "no-chat": start_rabbit(["generate", PROMPT, "-n", N, "--no-chat", "-q"], env),
+        "hub id": start_rabbit(
+            ["generate", PROMPT, "-n", N, "-q", "-m", "rabbit-test/smollm2"], hub_env
+        ),
     }
     results = {name: finish(proc) for name, proc in runs.items()}
     for name, result in results.items():
@@ -60,6 +80,7 @@ def test_generate_streams_the_greedy_text(default_model_cache, reference):
     assert results["arg"].stdout.strip() == reference["chat"]
     assert results["stdin"].stdout.strip() == reference["chat"]
     assert results["no-chat"].stdout.strip() == reference["raw"]
+    assert results["hub id"].stdout.strip() == reference["chat"]  # offline, from the hub cache
     assert "tokens/s" in results["arg"].stderr
     assert "profile:" in results["arg"].stderr and "bottleneck" in results["arg"].stderr
     assert results["stdin"].stderr == "", "--quiet leaves stderr empty"
