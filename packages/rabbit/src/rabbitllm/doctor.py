@@ -227,7 +227,7 @@ def check_read_speed(
     """
     if model is None:
         return [_read_temp_file(cache_dir, nbytes)]
-    from rabbit_store import open_source
+    from rabbit_store import FsspecSource, open_source
 
     source = open_source(model, token=token, storage_options=storage_options)
     weights = [n for n in source.list_files() if n.endswith(".safetensors")]
@@ -237,7 +237,9 @@ def check_read_speed(
         ]
     name = max(weights, key=source.size)
     size = min(nbytes, source.size(name))
-    local = source.local_path(name)
+    # Only a plain filesystem source answers local_path without side effects: a hub source would
+    # download the whole file first, so hub and remote stores are measured with a ranged read.
+    local = source.local_path(name) if isinstance(source, FsspecSource) else None
     if local is not None:
         rate, cold = _timed_local_read(local, size)
     else:
