@@ -173,6 +173,12 @@ class LayerReader:
         background read (kept for the next `read` of the same names) for remote files."""
         key = tuple(names)
         infos = self._infos(names)
+        if all(self._maps.get(info.file) is not None for info in infos):
+            # Every file is already mapped: madvise only queues readahead, so it is issued right
+            # here. A thread hop would cost more than the syscall and contend for the GIL with the
+            # compute thread (measured: +30% on a warm decode step).
+            self._advise(infos)
+            return
         with self._lock:
             if self._closed or key in self._pending:
                 return
@@ -182,16 +188,27 @@ class LayerReader:
             while len(self._pending) > PREFETCH_SLOTS:
                 self._pending.popitem(last=False)[1].cancel()
 
+    def _advise(self, infos: Sequence[TensorInfo]) -> None:
+        """madvise(WILLNEED) once per file over the span of `infos` (a layer is mostly contiguous)."""
+        advise = getattr(mmap, "MADV_WILLNEED", None)
+        if advise is None:
+            return
+        spans: dict[str, list[int]] = {}
+        for info in infos:
+            if info.nbytes:
+                span = spans.setdefault(info.file, [info.offset, info.end])
+                span[0], span[1] = min(span[0], info.offset), max(span[1], info.end)
+        for file, (start, end) in spans.items():
+            start -= start % mmap.PAGESIZE
+            self._maps[file].madvise(advise, start, end - start)
+
     def _prefetch_now(self, infos: Sequence[TensorInfo]) -> dict[str, bytes | memoryview]:
         remote: list[TensorInfo] = []
-        advise = getattr(mmap, "MADV_WILLNEED", None)
+        local: list[TensorInfo] = []
         for info in infos:
             mapped = self._map(info.file)  # in this thread: a lazy hub download does not block read
-            if mapped is None:
-                remote.append(info)
-            elif advise is not None and info.nbytes:
-                start = info.offset - info.offset % mmap.PAGESIZE
-                mapped.madvise(advise, start, info.end - start)
+            (remote if mapped is None else local).append(info)
+        self._advise(local)
         return dict(self._fetch(remote)) if remote else {}
 
     def close(self) -> None:
