@@ -7,7 +7,7 @@ random with a fixed seed and a spread large enough that logits are decisive and 
     FAMILIES[model_type].make_config() -> a fresh PretrainedConfig
     available_families()               -> the families the installed transformers can build
     build_model(model_type)            -> eval() model with deterministic random weights
-    save_checkpoint(model, path, sharded=...) -> a save_pretrained directory (>= 3 shards if sharded)
+    save_checkpoint(model, path, sharded=...) -> save_pretrained dir (>= 3 shards if sharded)
 
 Conventions every config follows (so generation is not flaky): no dropout, pad_token_id=0,
 bos_token_id=1, eos_token_id=255 (vocab - 1: one token of 256, so it cannot dominate; tests pass
@@ -225,7 +225,8 @@ _family("smollm3", tie_word_embeddings=True, no_rope_layers=[1, 0], use_sliding_
         notes="layer 1 is NoPE (no rotary)")
 _family("arcee", notes="ReLU^2 MLP without gate")
 _family("apertus", min_transformers="5.1.0",
-        notes="xIELU activation, q/k norm (5.0.0 cannot reload its own save: meta-tensor copy error)")
+        notes="xIELU activation, q/k norm (5.0.0 cannot reload its own save: meta-tensor "
+        "copy error)")
 _family("seed_oss", residual_dropout=0.0, attention_bias=True, notes="qkv bias")
 _family("ministral", sliding_window=8, layer_types=[SW, FULL], notes="sliding window 8 on layer 0")
 _family("ministral3", tie_word_embeddings=True)
@@ -233,7 +234,8 @@ _family("glm", partial_rotary_factor=0.5, notes="partial rotary, fused gate_up")
 _family("glm4", partial_rotary_factor=0.5, notes="sandwich norms, partial rotary")
 _family("cohere", logit_scale=0.5, tie_word_embeddings=True, use_qk_norm=True,
         notes="parallel attn/mlp, LayerNorm without bias, logit_scale, tied")
-_family("cohere2", logit_scale=0.5, tie_word_embeddings=True, sliding_window=8, layer_types=[SW, FULL],
+_family("cohere2", logit_scale=0.5, tie_word_embeddings=True, sliding_window=8, layer_types=[SW,
+        FULL],
         notes="sliding window 8 on layer 0 (NoPE on the full layer), tied")
 _family("stablelm", use_qkv_bias=True, qk_layernorm=True, partial_rotary_factor=0.25,
         notes="LayerNorm, partial rotary, per-head q/k LayerNorm")
@@ -251,7 +253,8 @@ _family("persimmon", qk_layernorm=True, notes="LayerNorm, fused qkv, relu^2")
 _family("diffllama", lambda_std_dev=0.1, notes="differential attention")
 _family("jais2", notes="LayerNorm, biased MLP")
 _family("nanochat", tie_word_embeddings=False, notes="parameter-free RMSNorm, logit soft-cap")
-_family("hyperclovax", min_transformers="5.9.0", embedding_multiplier=2.0, residual_multiplier=0.8, attention_multiplier=0.25,
+_family("hyperclovax", min_transformers="5.9.0", embedding_multiplier=2.0, residual_multiplier=0.8,
+        attention_multiplier=0.25,
         logits_scaling=1.0, use_post_norm=True, notes="peri-layer norms, granite-style multipliers")
 _family("exaone", min_transformers="5.24.0", notes="config maps onto LlamaForCausalLM")
 _family("internlm3", min_transformers="5.23.0", notes="config maps onto LlamaForCausalLM")
@@ -279,7 +282,8 @@ _family("phimoe", num_local_experts=_MOE_EXPERTS, num_experts_per_tok=_MOE_TOPK,
 _family("jetmoe", num_local_experts=_MOE_EXPERTS, num_experts_per_tok=_MOE_TOPK, kv_channels=16,
         num_key_value_heads=_DROP, head_dim=_DROP, tie_word_embeddings=True,
         notes="mixture of attention heads + MoE MLP")
-_family("ernie4_5_moe", moe_num_experts=_MOE_EXPERTS, moe_k=_MOE_TOPK, moe_intermediate_size=_MOE_INTER,
+_family("ernie4_5_moe", moe_num_experts=_MOE_EXPERTS, moe_k=_MOE_TOPK,
+        moe_intermediate_size=_MOE_INTER,
         moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=1,
         moe_layer_interval=1, use_bias=False, notes="layer 0 dense, layer 1 MoE + shared expert")
 _family("hunyuan_v1_moe", num_experts=_MOE_EXPERTS, moe_topk=_MOE_TOPK,
@@ -307,47 +311,60 @@ _family("gpt_oss", num_local_experts=_MOE_EXPERTS, num_experts_per_tok=_MOE_TOPK
         notes="attention sinks, clamped swiglu MoE, sliding window 8 on layer 0")
 _family("dbrx", min_transformers="5.15.0", d_model=64, n_heads=4, n_layers=2, max_seq_len=256,
         attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
-        ffn_config=dict(hidden_size=64, ffn_hidden_size=128, moe_num_experts=_MOE_EXPERTS, moe_top_k=_MOE_TOPK),
+        ffn_config=dict(hidden_size=64, ffn_hidden_size=128, moe_num_experts=_MOE_EXPERTS,
+                        moe_top_k=_MOE_TOPK),
         notes="transformer.blocks prefix, MoE in every layer")
-_family("mellum", min_transformers="5.10.1", num_local_experts=_MOE_EXPERTS, mlp_layer_types=["dense", "sparse"],
+_family("mellum", min_transformers="5.10.1", num_local_experts=_MOE_EXPERTS,
+        mlp_layer_types=["dense", "sparse"],
         sliding_window=8, layer_types=[SW, FULL], **_MOE,
         notes="layer 0 dense + sliding window 8, layer 1 MoE")
 _family("afmoe", num_experts=_MOE_EXPERTS, num_dense_layers=1, num_shared_experts=1,
         sliding_window=8, layer_types=[SW, FULL], **_MOE, notes="layer 0 dense, layer 1 MoE")
-_family("cohere2_moe", min_transformers="5.9.0", logit_scale=0.5, num_experts=_MOE_EXPERTS, num_experts_per_tok=_MOE_TOPK, sliding_window=8,
+_family("cohere2_moe", min_transformers="5.9.0", logit_scale=0.5, num_experts=_MOE_EXPERTS,
+        num_experts_per_tok=_MOE_TOPK, sliding_window=8,
         layer_types=[SW, FULL], tie_word_embeddings=True, notes="MoE, sliding window 8 on layer 0")
-_family("laguna", min_transformers="5.7.0", num_experts=_MOE_EXPERTS, shared_expert_intermediate_size=64, sliding_window=8,
+_family("laguna", min_transformers="5.7.0", num_experts=_MOE_EXPERTS,
+        shared_expert_intermediate_size=64, sliding_window=8,
         layer_types=[SW, FULL], **_MOE, notes="MoE + shared expert, sliding window 8 on layer 0")
-_family("kolibri1", min_transformers="5.20.0", num_local_experts=_MOE_EXPERTS, shared_expert_intermediate_size=64,
+_family("kolibri1", min_transformers="5.20.0", num_local_experts=_MOE_EXPERTS,
+        shared_expert_intermediate_size=64,
         sliding_window=8, layer_types=[SW, FULL], **_MOE, notes="MoE, sliding window 8 on layer 0")
-_family("beam", min_transformers="5.21.0", num_experts=_MOE_EXPERTS, sliding_window=8, layer_types=[SW, FULL], **_MOE,
+_family("beam", min_transformers="5.21.0", num_experts=_MOE_EXPERTS, sliding_window=8,
+        layer_types=[SW, FULL], **_MOE,
         notes="MoE, sliding window 8 on layer 0")
-_family("flint", min_transformers="5.21.0", num_experts=_MOE_EXPERTS, shared_expert_intermediate_size=64, mlp_only_layers=[0],
+_family("flint", min_transformers="5.21.0", num_experts=_MOE_EXPERTS,
+        shared_expert_intermediate_size=64, mlp_only_layers=[0],
         sliding_window=8, layer_types=[FULL, SW], **_MOE,
         notes="layer 0 dense, layer 1 MoE with sliding window 8")
-_family("mimo_v2_flash", min_transformers="5.13.0", n_routed_experts=_MOE_EXPERTS, n_group=1, topk_group=1, head_dim=24,
+_family("mimo_v2_flash", min_transformers="5.13.0", n_routed_experts=_MOE_EXPERTS, n_group=1,
+        topk_group=1, head_dim=24,
         v_head_dim=16, sliding_window=8, layer_types=[FULL, SW], **_MOE,
         notes="q/k head_dim 24 != v head_dim 16, sliding window 8 on layer 1")
-_family("hy_v3", min_transformers="5.6.0", num_experts=_MOE_EXPERTS, num_shared_experts=1, mlp_layer_types=["dense", "sparse"],
+_family("hy_v3", min_transformers="5.6.0", num_experts=_MOE_EXPERTS, num_shared_experts=1,
+        mlp_layer_types=["dense", "sparse"],
         **_MOE, notes="layer 0 dense, layer 1 MoE")
 _family("exaone_moe", min_transformers="5.1.0", num_experts=_MOE_EXPERTS, num_shared_experts=1,
         mlp_layer_types=["dense", "sparse"], sliding_window=8, layer_types=[SW, FULL], **_MOE,
         notes="layer 0 dense + sliding window 8, layer 1 MoE")
 _family("aria_text", moe_num_experts=_MOE_EXPERTS, moe_topk=_MOE_TOPK, moe_num_shared_experts=1,
         notes="text decoder of Aria: MoE in every layer")
-_family("sarvam_moe", min_transformers="5.24.0", num_hidden_layers=3, n_routed_experts=_MOE_EXPERTS, n_shared_experts=1,
+_family("sarvam_moe", min_transformers="5.24.0", num_hidden_layers=3,
+        n_routed_experts=_MOE_EXPERTS, n_shared_experts=1,
         first_k_dense_replace=1, n_group=1, topk_group=1, **_MOE,
         notes="config maps onto Glm4MoeForCausalLM")
 # Multi-head latent attention (MLA) families besides deepseek
 _MLA = dict(kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
             head_dim=8, num_key_value_heads=4)
 _family("youtu", min_transformers="5.1.0", **_MLA, notes="MLA, dense MLP")
-_family("minicpm3", min_transformers="5.13.0", **_MLA, scale_emb=2, scale_depth=1.4, dim_model_base=64,
+_family("minicpm3", min_transformers="5.13.0", **_MLA, scale_emb=2, scale_depth=1.4,
+        dim_model_base=64,
         notes="MLA, muP-style embedding/depth/logit scales")
-_family("sarvam_mla", min_transformers="5.24.0", num_hidden_layers=3, n_routed_experts=_MOE_EXPERTS, n_shared_experts=1,
+_family("sarvam_mla", min_transformers="5.24.0", num_hidden_layers=3,
+        n_routed_experts=_MOE_EXPERTS, n_shared_experts=1,
         first_k_dense_replace=1, n_group=1, topk_group=1, **{**_MLA, "q_lora_rank": None}, **_MOE,
         notes="MLA (no q compression) + MoE on layers 1-2")
-_family("axk1", min_transformers="5.15.0", num_hidden_layers=3, n_routed_experts=_MOE_EXPERTS, n_shared_experts=1,
+_family("axk1", min_transformers="5.15.0", num_hidden_layers=3, n_routed_experts=_MOE_EXPERTS,
+        n_shared_experts=1,
         mlp_layer_types=["dense", "sparse", "sparse"], n_group=1, topk_group=1, **_MLA, **_MOE,
         notes="MLA + MoE on layers 1-2")
 _family("longcat_flash", num_layers=2, ffn_hidden_size=128, expert_ffn_hidden_size=_MOE_INTER,
@@ -375,7 +392,8 @@ _family("opt", ffn_dim=128, word_embed_proj_dim=64, do_layer_norm_before=True, d
         activation_dropout=0.0, enable_bias=True, tie_word_embeddings=True,
         notes="learned positions (offset 2), model.decoder.layers prefix")
 _family("mpt", d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=256,
-        attn_config=dict(alibi=True), tie_word_embeddings=True, notes="ALiBi, transformer.blocks prefix")
+        attn_config=dict(alibi=True), tie_word_embeddings=True,
+        notes="ALiBi, transformer.blocks prefix")
 _family("xglm", d_model=64, ffn_dim=128, attention_heads=4, num_layers=2, dropout=0.0,
         activation_dropout=0.0, layerdrop=0.0, scale_embedding=True,
         notes="sinusoidal positions, scaled embedding; untied (see bloom)")
@@ -390,116 +408,181 @@ _family("modernbert-decoder", num_hidden_layers=2, sliding_window=8, local_atten
         layer_types=[SW, FULL], tie_word_embeddings=True, embedding_dropout=0.0, mlp_dropout=0.0,
         notes="ModernBERT trained as a decoder: sliding window 8 on layer 0, tied")
 _family("apertus1p5_text", min_transformers="5.24.0", notes="text decoder of Apertus 1.5")
-_family("gemma4_text", min_transformers="5.5.0", vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16,
+_family("gemma4_text", min_transformers="5.5.0", vocab_size_per_layer_input=VOCAB,
+        hidden_size_per_layer_input=16,
         sliding_window=8, layer_types=[SW, FULL], per_layer_config={}, num_kv_shared_layers=0,
         notes="per-layer input embeddings, sliding window 8 on layer 0")
-_family("gemma4_unified_text", min_transformers="5.10.1", sliding_window=8, layer_types=[SW, FULL], per_layer_config={},
-        num_kv_shared_layers=0, use_bidirectional_attention=None, notes="sliding window 8 on layer 0")
-_family("granitemoe_swa", min_transformers="5.15.0", num_local_experts=_MOE_EXPERTS, num_experts_per_tok=_MOE_TOPK,
+_family("gemma4_unified_text", min_transformers="5.10.1", sliding_window=8, layer_types=[SW, FULL],
+        per_layer_config={},
+        num_kv_shared_layers=0, use_bidirectional_attention=None,
+        notes="sliding window 8 on layer 0")
+_family("granitemoe_swa", min_transformers="5.15.0", num_local_experts=_MOE_EXPERTS,
+        num_experts_per_tok=_MOE_TOPK,
         shared_intermediate_size=64, sliding_window=8, layer_types=[FULL, SW],
         embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0,
         notes="MoE + shared MLP, sliding window 8 on layer 1")
-_family("doge", min_transformers="5.18.0", is_moe=False, notes="dynamic-mask attention (keep_window_size default 2048 > any test prompt); before 5.18 "
+_family("doge", min_transformers="5.18.0", is_moe=False,
+        notes="dynamic-mask attention (keep_window_size default 2048 > any test prompt); "
+        "before 5.18 "
         "cached greedy decoding differs from recomputation")
 
+# Shared reasons for REJECTED.
+_SPARSE_INDEXER = (
+    "sparse attention with a learned indexer (DSA) that keeps its own key cache beside the KV "
+    "cache: not a plain layer-by-layer KV cache"
+)
+_RECURRENT = (
+    "hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a "
+    "per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention "
+    "kernels"
+)
+_ENC_DEC = "decoder half of an encoder-decoder model: its layers cross-attend to encoder states"
+_ENCODER = (
+    "encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a "
+    "decoder-only LM"
+)
+_MULTIMODAL = (
+    "multimodal model: the causal-LM class wraps a vision/audio tower; its text decoder is covered "
+    "where it has its own model_type"
+)
+_AUDIO_CODEBOOKS = (
+    "audio codebook decoder (multiple parallel codebook heads) conditioned on a text encoder"
+)
+
+# Every other model_type of MODEL_FOR_CAUSAL_LM_MAPPING_NAMES (5.24; plus 5.0's code_llama).
 REJECTED: dict[str, str] = {
-    'axk2': 'sparse attention with a learned indexer (DSA) that keeps its own key cache beside the KV cache: not a plain layer-by-layer KV cache',
-    'bailing_hybrid': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'bamba': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'bart': 'decoder half of an encoder-decoder model: its layers cross-attend to encoder states',
-    'bert': 'encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a decoder-only LM',
-    'bert-generation': 'encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a decoder-only LM',
-    'big_bird': 'encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a decoder-only LM',
-    'bigbird_pegasus': 'decoder half of an encoder-decoder model: its layers cross-attend to encoder states',
-    'blenderbot': 'decoder half of an encoder-decoder model: its layers cross-attend to encoder states',
-    'blenderbot-small': 'decoder half of an encoder-decoder model: its layers cross-attend to encoder states',
-    'camembert': 'encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a decoder-only LM',
-    "blt": "Byte Latent Transformer: byte-level local encoder/decoder around a patch-level global transformer with entropy-model patching, not a token decoder stack",
-    "cohere_compass_text": "text tower of Cohere Compass (a multimodal embedding/retrieval model with a pooling head); its rotary setup only knows the layer types of its default config (KeyError on a tiny sliding/full mix)",
-    'code_llama': 'tokenizer-only alias (transformers 5.0 mapping): the model is llama (covered by the llama family)',
-    'cpmant': 'CPM-Ant: segment embeddings and a bucketed relative position bias computed outside the layers, prompt-prefix tokens; not a standard causal LM interface',
-    'data2vec-text': 'encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a decoder-only LM',
-    'deepseek_v32': 'sparse attention with a learned indexer (DSA) that keeps its own key cache beside the KV cache: not a plain layer-by-layer KV cache',
-    'deepseek_v4': 'compressed + hashed sparse attention with indexer and lightning components: its caches are not plain per-layer KV caches',
-    'dory': 'looped (recurrent-depth) decoder: the same layers run several times per token, so layers are not streamed once in order',
-    'dots3_note': 'multimodal model: the causal-LM class wraps a vision/audio tower; its text decoder is covered where it has its own model_type',
-    'dots3_note_text': 'sparse attention with a learned indexer (DSA) that keeps its own key cache beside the KV cache: not a plain layer-by-layer KV cache',
-    'electra': 'encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a decoder-only LM',
-    'emu3': 'multimodal model: the causal-LM class wraps a vision/audio tower; its text decoder is covered where it has its own model_type',
-    'ernie': 'encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a decoder-only LM',
-    'falcon_h1': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'falcon_mamba': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'fuyu': 'multimodal model: the causal-LM class wraps a vision/audio tower; its text decoder is covered where it has its own model_type',
-    'gemma3': 'multimodal model: the causal-LM class wraps a vision/audio tower; its text decoder is covered where it has its own model_type',
-    'gemma3n': 'multimodal model: the causal-LM class wraps a vision/audio tower; its text decoder is covered where it has its own model_type',
-    'gemma3n_text': "AltUp + Laurel blocks with per-layer inputs and KV sharing across layers (later layers reuse earlier layers' KV): layers are not independent",
-    'gemma4': 'multimodal model: the causal-LM class wraps a vision/audio tower; its text decoder is covered where it has its own model_type',
-    'gemma4_assistant': "multi-token-prediction drafter for gemma4: consumes the target model's hidden states, not a stand-alone LM",
-    'gemma4_unified': 'multimodal model: the causal-LM class wraps a vision/audio tower; its text decoder is covered where it has its own model_type',
-    'gemma4_unified_assistant': "multi-token-prediction drafter for gemma4_unified: consumes the target model's hidden states, not a stand-alone LM",
-    'git': 'multimodal model: the causal-LM class wraps a vision/audio tower; its text decoder is covered where it has its own model_type',
-    'glm_moe_dsa': 'sparse attention with a learned indexer (DSA) that keeps its own key cache beside the KV cache: not a plain layer-by-layer KV cache',
-    'got_ocr2': 'multimodal model: the causal-LM class wraps a vision/audio tower; its text decoder is covered where it has its own model_type',
-    'gpt-sw3': 'tokenizer-only alias: the config and model are gpt2 (covered by the gpt2 family)',
-    'granitemoehybrid': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'hrm_text': 'hierarchical reasoning model: recurrent high/low-level modules iterate over the same layers per token',
-    'hy_v4': 'sparse attention with a learned indexer (DSA) that keeps its own key cache beside the KV cache: not a plain layer-by-layer KV cache',
-    'inkling2_loop_text': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'inkling2_text': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'inkling_text': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'jamba': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'kimi_linear': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'lara_mini': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'lfm2': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'lfm2_moe': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'lfm3': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'llama4': 'multimodal model: the causal-LM class wraps a vision/audio tower; its text decoder is covered where it has its own model_type',
-    'mamba': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'mamba2': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'marian': 'decoder half of an encoder-decoder model: its layers cross-attend to encoder states',
-    'mbart': 'decoder half of an encoder-decoder model: its layers cross-attend to encoder states',
-    'megatron-bert': 'encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a decoder-only LM',
-    'minimax': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'minimax_m3_vl_text': 'lightning (linear) attention layers plus an indexer: not a plain KV cache',
-    'mllama': 'multimodal model: the causal-LM class wraps a vision/audio tower; its text decoder is covered where it has its own model_type',
-    'moshi': 'speech-text model (depth decoder over audio codebooks)',
-    'moss_transcribe_diarize': 'multimodal model: the causal-LM class wraps a vision/audio tower; its text decoder is covered where it has its own model_type',
-    'musicgen': 'audio codebook decoder (multiple parallel codebook heads) conditioned on a text encoder',
-    'musicgen_melody': 'audio codebook decoder (multiple parallel codebook heads) conditioned on a text encoder',
-    'mvp': 'decoder half of an encoder-decoder model: its layers cross-attend to encoder states',
-    'nemotron_h': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'olmo_hybrid': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'openai-gpt': 'no KV cache support in transformers (use_cache/past_key_values not implemented)',
-    'pegasus': 'decoder half of an encoder-decoder model: its layers cross-attend to encoder states',
-    'phi4_multimodal': 'multimodal model: the causal-LM class wraps a vision/audio tower; its text decoder is covered where it has its own model_type',
-    'plbart': 'decoder half of an encoder-decoder model: its layers cross-attend to encoder states',
-    'prophetnet': 'decoder half of an encoder-decoder model: its layers cross-attend to encoder states',
-    'qwen3_5': 'multimodal model: the causal-LM class wraps a vision/audio tower; its text decoder is covered where it has its own model_type',
-    'qwen3_5_moe': 'multimodal model: the causal-LM class wraps a vision/audio tower; its text decoder is covered where it has its own model_type',
-    'qwen3_5_moe_text': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'qwen3_5_text': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'qwen3_next': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'qwen4_exp': 'multimodal model: the causal-LM class wraps a vision/audio tower; its text decoder is covered where it has its own model_type',
-    'qwen4_exp_text': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'recurrent_gemma': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'reformer': 'LSH/local attention with reversible layers; needs is_decoder and chunked buckets',
-    'rembert': 'encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a decoder-only LM',
-    'roberta': 'encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a decoder-only LM',
-    'roberta-prelayernorm': 'encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a decoder-only LM',
-    'roc_bert': 'encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a decoder-only LM',
-    'roformer': 'encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a decoder-only LM',
-    'rwkv': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'trocr': 'decoder half of an encoder-decoder model: its layers cross-attend to encoder states',
-    'whisper': 'decoder half of an encoder-decoder model: its layers cross-attend to encoder states',
-    'xlm': 'encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a decoder-only LM',
-    'xlm-roberta': 'encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a decoder-only LM',
-    'xlm-roberta-xl': 'encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a decoder-only LM',
-    'xlnet': 'permutation LM with two-stream attention and memory (mems), not a causal decoder',
-    'xlstm': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'xmod': 'encoder (BERT-style, bidirectionally pre-trained) model with a causal-LM head, not a decoder-only LM',
-    'zamba': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'zamba2': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
-    'zaya': 'hybrid/recurrent layers (SSM, linear attention, conv or recurrent state): the cache is not a per-layer KV cache, and the fast path needs mamba-ssm/causal-conv1d/flash-linear-attention kernels',
+    "axk2": _SPARSE_INDEXER,
+    "deepseek_v32": _SPARSE_INDEXER,
+    "dots3_note_text": _SPARSE_INDEXER,
+    "glm_moe_dsa": _SPARSE_INDEXER,
+    "hy_v4": _SPARSE_INDEXER,
+    "bailing_hybrid": _RECURRENT,
+    "bamba": _RECURRENT,
+    "falcon_h1": _RECURRENT,
+    "falcon_mamba": _RECURRENT,
+    "granitemoehybrid": _RECURRENT,
+    "inkling2_loop_text": _RECURRENT,
+    "inkling2_text": _RECURRENT,
+    "inkling_text": _RECURRENT,
+    "jamba": _RECURRENT,
+    "kimi_linear": _RECURRENT,
+    "lara_mini": _RECURRENT,
+    "lfm2": _RECURRENT,
+    "lfm2_moe": _RECURRENT,
+    "lfm3": _RECURRENT,
+    "mamba": _RECURRENT,
+    "mamba2": _RECURRENT,
+    "minimax": _RECURRENT,
+    "nemotron_h": _RECURRENT,
+    "olmo_hybrid": _RECURRENT,
+    "qwen3_5_moe_text": _RECURRENT,
+    "qwen3_5_text": _RECURRENT,
+    "qwen3_next": _RECURRENT,
+    "qwen4_exp_text": _RECURRENT,
+    "recurrent_gemma": _RECURRENT,
+    "rwkv": _RECURRENT,
+    "xlstm": _RECURRENT,
+    "zamba": _RECURRENT,
+    "zamba2": _RECURRENT,
+    "zaya": _RECURRENT,
+    "bart": _ENC_DEC,
+    "bigbird_pegasus": _ENC_DEC,
+    "blenderbot": _ENC_DEC,
+    "blenderbot-small": _ENC_DEC,
+    "marian": _ENC_DEC,
+    "mbart": _ENC_DEC,
+    "mvp": _ENC_DEC,
+    "pegasus": _ENC_DEC,
+    "plbart": _ENC_DEC,
+    "prophetnet": _ENC_DEC,
+    "trocr": _ENC_DEC,
+    "whisper": _ENC_DEC,
+    "bert": _ENCODER,
+    "bert-generation": _ENCODER,
+    "big_bird": _ENCODER,
+    "camembert": _ENCODER,
+    "data2vec-text": _ENCODER,
+    "electra": _ENCODER,
+    "ernie": _ENCODER,
+    "megatron-bert": _ENCODER,
+    "rembert": _ENCODER,
+    "roberta": _ENCODER,
+    "roberta-prelayernorm": _ENCODER,
+    "roc_bert": _ENCODER,
+    "roformer": _ENCODER,
+    "xlm": _ENCODER,
+    "xlm-roberta": _ENCODER,
+    "xlm-roberta-xl": _ENCODER,
+    "xmod": _ENCODER,
+    "dots3_note": _MULTIMODAL,
+    "emu3": _MULTIMODAL,
+    "fuyu": _MULTIMODAL,
+    "gemma3": _MULTIMODAL,
+    "gemma3n": _MULTIMODAL,
+    "gemma4": _MULTIMODAL,
+    "gemma4_unified": _MULTIMODAL,
+    "git": _MULTIMODAL,
+    "got_ocr2": _MULTIMODAL,
+    "llama4": _MULTIMODAL,
+    "mllama": _MULTIMODAL,
+    "moss_transcribe_diarize": _MULTIMODAL,
+    "phi4_multimodal": _MULTIMODAL,
+    "qwen3_5": _MULTIMODAL,
+    "qwen3_5_moe": _MULTIMODAL,
+    "qwen4_exp": _MULTIMODAL,
+    "musicgen": _AUDIO_CODEBOOKS,
+    "musicgen_melody": _AUDIO_CODEBOOKS,
+    "blt": (
+        "Byte Latent Transformer: byte-level local encoder/decoder around a patch-level global "
+        "transformer with entropy-model patching, not a token decoder stack"
+    ),
+    "code_llama": (
+        "tokenizer-only alias (transformers 5.0 mapping): the model is llama (covered by the llama "
+        "family)"
+    ),
+    "cohere_compass_text": (
+        "text tower of Cohere Compass (a multimodal embedding/retrieval model with a pooling "
+        "head); "
+        "its rotary setup only knows the layer types of its default config (KeyError on a tiny "
+        "sliding/full mix)"
+    ),
+    "cpmant": (
+        "CPM-Ant: segment embeddings and a bucketed relative position bias computed outside the "
+        "layers, prompt-prefix tokens; not a standard causal LM interface"
+    ),
+    "deepseek_v4": (
+        "compressed + hashed sparse attention with indexer and lightning components: its caches "
+        "are "
+        "not plain per-layer KV caches"
+    ),
+    "dory": (
+        "looped (recurrent-depth) decoder: the same layers run several times per token, so layers "
+        "are not streamed once in order"
+    ),
+    "gemma3n_text": (
+        "AltUp + Laurel blocks with per-layer inputs and KV sharing across layers (later layers "
+        "reuse earlier layers' KV): layers are not independent"
+    ),
+    "gemma4_assistant": (
+        "multi-token-prediction drafter for gemma4: consumes the target model's hidden states, not "
+        "a stand-alone LM"
+    ),
+    "gemma4_unified_assistant": (
+        "multi-token-prediction drafter for gemma4_unified: consumes the target model's hidden "
+        "states, not a stand-alone LM"
+    ),
+    "gpt-sw3": 'tokenizer-only alias: the config and model are gpt2 (covered by the gpt2 family)',
+    "hrm_text": (
+        "hierarchical reasoning model: recurrent high/low-level modules iterate over the same "
+        "layers per token"
+    ),
+    "minimax_m3_vl_text": (
+        "lightning (linear) attention layers plus an indexer: not a plain KV cache"
+    ),
+    "moshi": 'speech-text model (depth decoder over audio codebooks)',
+    "openai-gpt": 'no KV cache support in transformers (use_cache/past_key_values not implemented)',
+    "reformer": 'LSH/local attention with reversible layers; needs is_decoder and chunked buckets',
+    "xlnet": 'permutation LM with two-stream attention and memory (mems), not a causal decoder',
 }
 
 

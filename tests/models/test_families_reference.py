@@ -76,7 +76,7 @@ def test_every_causal_lm_is_classified():
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     missing = sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - set(FAMILIES) - set(REJECTED))
-    assert not missing, f"unclassified causal-LM model types (add to FAMILIES or REJECTED): {missing}"
+    assert not missing, f"unclassified causal-LM types (add to FAMILIES or REJECTED): {missing}"
 
 
 def test_tiny_config(family):
