@@ -47,6 +47,7 @@ def load_streaming_model(
     max_memory: int | str | None = None,
     prefetch: int = DEFAULT_PREFETCH,
     profile: bool = False,
+    bit_exact: bool = False,
 ) -> PreTrainedModel:
     device = parse_device(device)
     index = index or CheckpointIndex.load(source)
@@ -65,7 +66,7 @@ def load_streaming_model(
         model.generation_config = GenerationConfig.from_dict(source.read_json("generation_config.json"))
     layout = adapter.layout(model)
     weight_map = WeightMap(model, index, layers_prefix=layout.layers_prefix,
-                           num_layers=len(layout.layers), device=device)
+                           num_layers=len(layout.layers), device=device, align=bit_exact)
     budget = resolve_budget(max_memory, device)
     resident = plan_residency(weight_map, len(layout.layers), budget, prefetch)
     profiler = Profiler(profile)

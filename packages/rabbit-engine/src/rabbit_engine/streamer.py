@@ -57,7 +57,7 @@ class LayerStreamer:
         self._cold = True  # until a pass without major page faults says the files are cached
         self._faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
         self._first_streamed = min((i for i in range(self.num_layers) if i not in self.resident_layers), default=-1)
-        self._casts = any(
+        self._casts = weight_map.align or any(
             slot.src_dtype != slot.dtype for gid, g in weight_map.groups.items() if gid != RESIDENT for slot in g.slots
         )
         self._loaded: set[int] = set()

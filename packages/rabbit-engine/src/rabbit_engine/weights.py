@@ -36,7 +36,8 @@ from rabbit_store import CheckpointIndex, TensorInfo
 
 logger = logging.getLogger(__name__)
 
-RESIDENT = -1  # group id of everything outside the decoder-layer list (embeddings, norm, head, ...)
+RESIDENT = -1
+ALIGNMENT = 64  # bytes; what torch's CPU allocator guarantees, and what oneDNN's fast paths assume  # group id of everything outside the decoder-layer list (embeddings, norm, head, ...)
 
 
 @dataclass(frozen=True)
@@ -93,10 +94,12 @@ class WeightMap:
         layers_prefix: str,
         num_layers: int,
         device: torch.device,
+        align: bool = False,
     ) -> None:
         self.model = model
         self.index = index
         self.device = device
+        self.align = align
         self.groups: dict[int, Group] = {gid: Group(gid) for gid in [RESIDENT, *range(num_layers)]}
         self._mapping = get_model_conversion_mapping(model)
         renamings = [t for t in self._mapping if isinstance(t, WeightRenaming)]
@@ -175,8 +178,10 @@ class WeightMap:
     ) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
         """Tensors for the group's rename-only slots, and the CUDA event they are ready at (or None).
 
-        CPU: views over `raw` (zero copy), cast only when the run dtype differs. CUDA with a stager:
-        one pinned, asynchronous transfer per layer on a side stream.
+        CPU: views over `raw` (zero copy), cast only when the run dtype differs; with `align`, a view
+        that is not 64-byte aligned is copied (oneDNN takes another vector path for unaligned
+        weights, which changes float32 results by a few ulps). CUDA with a stager: one pinned,
+        asynchronous transfer per layer on a side stream.
         """
         slots = self.groups[gid].slots
         if stager is not None:
@@ -191,6 +196,8 @@ class WeightMap:
                 tensor = torch.frombuffer(buf, dtype=slot.src_dtype).view(slot.shape)
             if tensor.dtype != slot.dtype or tensor.device != self.device:
                 tensor = tensor.to(device=self.device, dtype=slot.dtype)
+            elif self.align and tensor.data_ptr() % ALIGNMENT:
+                tensor = tensor.clone()
             out[slot.key] = tensor
         return out, None
 
@@ -227,8 +234,11 @@ class WeightMap:
             info: TensorInfo = self.index.tensors[key]
             buf = raw[key]
             dtype = SAFETENSORS_DTYPES[info.dtype]
-            state_dict[key] = torch.frombuffer(buf, dtype=dtype).view(tuple(info.shape)) if len(buf) else torch.empty(
+            tensor = torch.frombuffer(buf, dtype=dtype).view(tuple(info.shape)) if len(buf) else torch.empty(
                 tuple(info.shape), dtype=dtype)
+            if self.align and tensor.data_ptr() % ALIGNMENT:
+                tensor = tensor.clone()  # some conversions (renames, transposes) keep views
+            state_dict[key] = tensor
         config = LoadStateDictConfig(device_map={"": str(self.device)}, weight_mapping=self._mapping)
         with _quiet_transformers():
             if "tp_plan" in inspect.signature(convert_and_load_state_dict_in_model).parameters:

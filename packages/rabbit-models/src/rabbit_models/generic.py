@@ -38,9 +38,8 @@ class GenericAdapter:
                 f"{type(model).__name__}: cannot find its decoder-layer list; this family needs its own "
                 "adapter in rabbit_models."
             )
+        # The list found where transformers keeps it is trusted even when its length is not
+        # num_hidden_layers (LongcatFlash counts sub-layers there); the weight map then checks every
+        # layer against the checkpoint.
         name, layers = candidates[0]
-        if expected is not None and len(layers) != expected:
-            raise UnsupportedModelError(
-                f"{type(model).__name__}: {name} has {len(layers)} modules but config.num_hidden_layers={expected}."
-            )
         return ModelLayout(layers=layers, layers_prefix=name)

@@ -49,6 +49,7 @@ class AutoModel:
         local_cache: bool | str = False,
         allow_pickle: bool = False,
         verify: bool = False,
+        bit_exact: bool = False,
         **kwargs: Any,
     ) -> PreTrainedModel:
         """Load `source` (local dir, hub id, or fsspec URL) for layer streaming.
@@ -58,7 +59,11 @@ class AutoModel:
         alias of `dtype`, like transformers does. `allow_pickle=True` lets a `*.bin`/`*.pt`-only
         checkpoint be converted once to safetensors (with `torch.load(weights_only=True)`).
         `verify=True` checks the sha256 of every file of a split (`rabbit-split.json`) before loading;
-        the sizes and headers of a split's files are checked always.
+        the sizes and headers of a split's files are checked always. `bit_exact=True` copies
+        weights whose bytes are not 64-byte aligned in the file into aligned memory: float32 logits
+        then equal transformers' bit for bit, at the cost of one copy per streamed layer (by
+        default such weights are used in place, and some CPU kernels then round differently: a few
+        float32 ulps on the logits, the same tokens).
         """
         if hf_token is not None:
             warnings.warn("hf_token= is deprecated; pass token= instead.", FutureWarning, stacklevel=2)
@@ -88,6 +93,7 @@ class AutoModel:
             max_memory=max_memory,
             prefetch=prefetch,
             profile=profile,
+            bit_exact=bit_exact,
         )
 
 
