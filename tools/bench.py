@@ -198,7 +198,7 @@ class Runner:
 
     def bandwidth(self, regime: dict) -> dict:
         """Cold sequential read bandwidth of the checkpoint, under the same cap as the engines."""
-        spec = {"files": self.files, "repeat": 3, "result": str(self.tmp / "bw.json")}
+        spec = {"files": self.files, "repeat": 2, "result": str(self.tmp / "bw.json")}
         spec_path = self.tmp / "bw-spec.json"
         spec_path.write_text(json.dumps(spec))
         cg = self.new_cgroup("bw", regime["cap"]) if regime["method"].startswith("cgroup") else None
@@ -504,9 +504,11 @@ def parse_args(argv):
 
 def child_bw(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
-    runs = [memcap.read_bandwidth(spec["files"])[0] for _ in range(spec.get("repeat", 3))]
-    mm = memcap.mmap_fault_bandwidth(spec["files"])[0]
-    Path(spec["result"]).write_text(json.dumps({"read_bps": runs, "mmap_fault_bps": mm}))
+    reads, faults = [], []
+    for _ in range(spec.get("repeat", 2)):
+        reads.append(memcap.read_bandwidth(spec["files"])[0])
+        faults.append(memcap.mmap_fault_bandwidth(spec["files"])[0])
+    Path(spec["result"]).write_text(json.dumps({"read_bps": reads, "mmap_fault_bps": faults}))
     return 0
 
 
@@ -624,15 +626,9 @@ def main(argv=None) -> int:
         log(f"regime {name}:")
         if name == "cold":
             bw = runner.bandwidth(reg)
-            reg["bandwidth"] = bw
-            reg["read_bps"] = statistics.median(bw["read_bps"])
-            reg["floor_s"] = facts["layer_bytes"] / reg["read_bps"]
-            how = (f"under the {reg['cap'] / GIB:.2f} GiB {reg['method']} cap" if reg["cap"]
-                   else "after evicting (no cap)")
-            reg["floor_desc"] = (f"{facts['layer_bytes'] / MB:,.0f} MB of decoder layers / cold read "
-                                 f"{reg['read_bps'] / GIB:.2f} GiB/s ({how}; mmap page-fault read "
-                                 f"{bw['mmap_fault_bps'] / GIB:.2f} GiB/s) = {reg['floor_s']:.3f} s/token")
-            log(f"  floor: {reg['floor_desc']}")
+            log(f"  cold read bandwidth before the engines: read() "
+                f"{', '.join(f'{x / GIB:.2f}' for x in bw['read_bps'])} GiB/s, mmap faults "
+                f"{', '.join(f'{x / GIB:.2f}' for x in bw['mmap_fault_bps'])} GiB/s")
         order = [e for e in ("transformers", *ENGINES) if e in engines_wanted and e in REGIME_ENGINES[name]]
         order = list(dict.fromkeys(order))
         runs: dict[str, list[dict]] = {eng: [] for eng in order}
@@ -641,6 +637,23 @@ def main(argv=None) -> int:
             for eng in order[rep % len(order):] + order[: rep % len(order)]:
                 runs[eng].append(runner.run(eng, reg, rep))
         results.extend(merge_repeats(rs) for rs in runs.values())
+        if name == "cold":
+            # Bracket the engines: the disk's speed drifts (a shared virtual disk does), and the floor
+            # must be what the disk could do while they ran. Best of the two ways of reading.
+            after = runner.bandwidth(reg)
+            reads = bw["read_bps"] + after["read_bps"]
+            faults = bw["mmap_fault_bps"] + after["mmap_fault_bps"]
+            reg["bandwidth"] = {"read_bps": reads, "mmap_fault_bps": faults}
+            reg["read_bps"] = max(statistics.median(reads), statistics.median(faults))
+            reg["floor_s"] = facts["layer_bytes"] / reg["read_bps"]
+            how = (f"under the {reg['cap'] / GIB:.2f} GiB {reg['method']} cap" if reg["cap"]
+                   else "after evicting (no cap)")
+            reg["floor_desc"] = (
+                f"{facts['layer_bytes'] / MB:,.0f} MB of decoder layers / cold read {reg['read_bps'] / GIB:.2f} GiB/s "
+                f"= {reg['floor_s']:.3f} s/token (best median of sequential 1 MiB read() "
+                f"[{', '.join(f'{x / GIB:.2f}' for x in reads)}] and mmap page faults "
+                f"[{', '.join(f'{x / GIB:.2f}' for x in faults)}] GiB/s, before and after the engines, {how})")
+            log(f"  floor: {reg['floor_desc']}")
         if name != "cold":
             tf = next((r for r in results if r["regime"] == name and r["engine"] == "transformers" and r.get("ok")), None)
             if tf:
