@@ -1,8 +1,10 @@
 """The streaming loop: bring a decoder layer's weights in just before it runs, drop them after.
 
 Hooks on transformers' own decoder layers are the only seam: the forward pass, masks, positions and
-the KV cache stay transformers'. A single background thread reads (and converts) layers i+1..i+k
-while layer i computes; nothing is garbage-collected or trimmed per layer.
+the KV cache stay transformers'. While layer i computes, layers i+1..i+k are brought in: by one
+background thread (read, cast, copy to the GPU) when that is real work, or, for local files in the
+run dtype, by the kernel's readahead on the mapped file (the tensors themselves are free views).
+Nothing is garbage-collected or trimmed per layer.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class LayerStreamer:
         self._cold = True  # until a pass without major page faults says the files are cached
         self._faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
         self._first_streamed = min((i for i in range(self.num_layers) if i not in self.resident_layers), default=-1)
-        self._casts = weight_map.align or any(
+        self._casts = weight_map.align or any(  # a copy per layer: worth the background thread
             slot.src_dtype != slot.dtype for gid, g in weight_map.groups.items() if gid != RESIDENT for slot in g.slots
         )
         self._loaded: set[int] = set()
