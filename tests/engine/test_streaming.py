@@ -95,3 +95,28 @@ def test_profiler_off_by_default(llama_checkpoint):
     with AutoModel.from_pretrained(path) as model:
         model(torch.randint(3, 200, (1, 5)))
         assert model.profile_report() == {"steps": 0, "bottleneck": None}
+
+
+def test_read_ahead_only_while_the_model_is_not_cached(llama_checkpoint):
+    _, path = llama_checkpoint  # just written: in the page cache
+    with AutoModel.from_pretrained(path) as model:
+        streamer = model._rabbit_streamer
+        ids = torch.randint(3, 200, (1, 5))
+        model(ids)
+        assert streamer._cold  # first pass: nothing known yet, read ahead
+        model(ids)
+        model(ids)
+        assert not streamer._cold  # no disk reads in the previous pass: no read-ahead work
+
+
+def test_page_warmer_reads_exactly_the_spans(tmp_path):
+    from rabbit_engine.readahead import CHUNK, PageWarmer
+
+    data = tmp_path / "blob"
+    data.write_bytes(b"x" * (CHUNK + 1000))
+    warmer = PageWarmer()
+    try:
+        assert warmer.warm([(str(data), 10, CHUNK + 900), (str(data), 0, 5)]) == CHUNK + 890 + 5
+        assert warmer.warm([(str(data), CHUNK + 900, CHUNK + 5000)]) == 100  # stops at end of file
+    finally:
+        warmer.close()
