@@ -130,6 +130,11 @@ def machine_info(workdir: Path) -> dict:
                 info["root_fs"] = f"{parts[0]} {parts[2]}"
     except OSError:
         pass
+    try:
+        info["git"] = subprocess.run(["git", "-C", str(HERE), "log", "-1", "--format=%h %cd", "--date=format:%Y-%m-%d %H:%M"],
+                                     capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
     for pkg in ("torch", "transformers", "accelerate", "safetensors", "rabbitllm", "rabbit-engine", "rabbit-store"):
         try:
             from importlib.metadata import version
@@ -694,7 +699,9 @@ def main(argv=None) -> int:
     print(f"machine: {machine.get('nproc')} cpu ({machine.get('cpu', '?')}), {machine.get('ram_gib', '?')} GiB RAM, "
           f"disk {machine.get('disk', '?')} (read_ahead {machine.get('read_ahead_kb', '?')} KiB), kernel {machine['kernel']}; "
           f"load avg at start {results[0]['load1'][0] if results else float('nan'):.2f}, now {loadavg():.2f}"
-          + (f"; children ran at nice {args.nice}" if args.nice else ""))
+          + (f"; children ran at nice {args.nice}" if args.nice else "")
+          + (f"; torch threads {args.threads}" if args.threads else "")
+          + (f"; code at {machine['git']}" if machine.get("git") else ""))
     if "cold" in regimes:
         reg = regimes["cold"]
         if args.drop_caches:

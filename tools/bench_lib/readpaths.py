@@ -11,6 +11,10 @@ can be made) walks the decoder layers of a safetensors checkpoint and runs one G
   willneed-inline-forward  the engine's pipeline since f5727a2: one WILLNEED over each of the next
                  `depth` layers' byte span, issued inline by the compute thread; compute faults in
                  forward order
+  pread-cache-forward  the engine's pipeline since 1815a09: helper thread preads the next `depth`
+                 layers' byte spans into the page cache (data discarded), compute does not wait for
+                 it and faults the cached pages in forward order
+  pread-cache-wait-forward  the same, but compute waits for the layer's read before running it
   populate       helper thread: madvise(MADV_POPULATE_READ) on the next `depth` layers, file order;
                  compute waits for it (no faults in compute)
   populate-forward   the same in forward order
@@ -41,7 +45,8 @@ sys.path.insert(0, str(HERE.parent))
 from bench_lib import memcap  # noqa: E402
 from bench_lib.checkpoint import checkpoint_files  # noqa: E402
 
-MODES = ("fault-file", "fault-forward", "willneed", "willneed-dontneed", "willneed-inline-forward", "populate",
+MODES = ("fault-file", "fault-forward", "willneed", "willneed-dontneed", "willneed-inline-forward",
+         "pread-cache-forward", "pread-cache-wait-forward", "populate",
          "populate-forward", "pread", "direct")
 FORWARD = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MADV_POPULATE_READ = 22
@@ -126,6 +131,8 @@ def child(ckpt: str, mode: str, tokens: int, depth: int) -> dict:
             advise(i, MADV_POPULATE_READ)
         elif mode in ("pread", "direct"):
             return read_into(i)
+        elif mode.startswith("pread-cache"):
+            pread_span(i)
         return None
 
     def advise_span(i, how):
@@ -138,8 +145,22 @@ def child(ckpt: str, mode: str, tokens: int, depth: int) -> dict:
             s -= s % PAGE
             maps[f].madvise(how, s, e - s)
 
+    scratch = bytearray(8 << 20)
+
+    def pread_span(i):
+        spans = {}
+        for k in layers[i]:
+            f, s, e, _, _ = infos[k]
+            sp = spans.setdefault(f, [s, e])
+            sp[0], sp[1] = min(sp[0], s), max(sp[1], e)
+        mv = memoryview(scratch)
+        for f, (s, e) in spans.items():
+            while s < e:
+                s += os.preadv(fds[f], [mv[: min(len(mv), e - s)]], s) or (e - s)
+
     pool = ThreadPoolExecutor(1)
     inline = "inline" in mode
+    racing = mode == "pread-cache-forward"  # the helper reads ahead; compute never waits for it
     helper = not mode.startswith("fault") and not inline
     memcap.pageout_own_mappings(files)
     memcap.evict_files(files)
@@ -153,7 +174,11 @@ def child(ckpt: str, mode: str, tokens: int, depth: int) -> dict:
                     if j not in pending:
                         advise_span(j, mmap.MADV_WILLNEED)
                         pending[j] = None
-            if helper:
+            if racing:
+                for j in range(i + 1, min(num, i + depth + 1)):
+                    if j not in pending:
+                        pending[j] = pool.submit(pread_span, j)
+            elif helper:
                 for j in range(i, min(num, i + depth + 1)):
                     if j not in pending and j >= i:
                         pending[j] = pool.submit(job, j)
