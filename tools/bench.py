@@ -43,8 +43,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from bench_lib import memcap  # noqa: E402
-from bench_lib.checkpoint import QUICK, Shape, checkpoint_files, shape_for_size  # noqa: E402
+from bench_lib import memcap
+from bench_lib.checkpoint import QUICK, Shape, checkpoint_files, shape_for_size
 
 ENGINES = ("rabbit", "rabbit-split", "transformers", "accelerate")
 REGIMES = ("cold", "warm", "resident")
@@ -132,7 +132,7 @@ def machine_info(workdir: Path) -> dict:
         pass
     try:
         info["git"] = subprocess.run(["git", "-C", str(HERE), "log", "-1", "--format=%h %cd", "--date=format:%Y-%m-%d %H:%M"],
-                                     capture_output=True, text=True, timeout=10).stdout.strip()
+                                     capture_output=True, text=True, timeout=10, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
     for pkg in ("torch", "transformers", "accelerate", "safetensors", "rabbitllm", "rabbit-engine", "rabbit-store"):
@@ -140,7 +140,7 @@ def machine_info(workdir: Path) -> dict:
             from importlib.metadata import version
 
             info[pkg] = version(pkg)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001, S110 - a missing package is just not listed
             pass
     return info
 
@@ -164,7 +164,7 @@ def spawn(args: list[str], *, cgroup: memcap.Cgroup | None, timeout: float, log_
     start = time.perf_counter()
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args], stdout=logf,
-                                stderr=subprocess.STDOUT, preexec_fn=preexec if cgroup or nice else None,
+                                stderr=subprocess.STDOUT, preexec_fn=preexec if cgroup or nice else None,  # noqa: PLW1509 - no threads here
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
         try:
             rc = proc.wait(timeout=timeout)
@@ -315,7 +315,8 @@ def make_split(ckpt: Path, workdir: Path, fresh: bool) -> tuple[Path | None, str
     shutil.rmtree(dst, ignore_errors=True)
     code = ("import sys; from rabbit_store.split import split_checkpoint; "
             "split_checkpoint(sys.argv[1], sys.argv[2])")
-    proc = subprocess.run([sys.executable, "-c", code, str(ckpt), str(dst)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, str(ckpt), str(dst)], capture_output=True, text=True,
+                          check=False)
     if proc.returncode != 0 or not (dst / "rabbit-split.json").exists():
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         return None, lines[-1] if lines else f"split exited with {proc.returncode}"
@@ -548,7 +549,8 @@ def prepare_checkpoint(shape: Shape, workdir: Path, fresh: bool) -> Path:
         return path
     spec = workdir / f"{shape.key}.shape.json"
     spec.write_text(json.dumps({"shape": asdict(shape), "fresh": fresh}))
-    rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--make-checkpoint", str(spec)]).returncode
+    rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--make-checkpoint", str(spec)],
+                        check=False).returncode
     if rc != 0:
         raise SystemExit(f"checkpoint generation failed (exit {rc})")
     return path
@@ -571,8 +573,8 @@ def main(argv=None) -> int:
 
     if args.tokens is None:
         args.tokens = 4 if args.quick else 8
-    widths = dict(hidden=args.hidden, intermediate=args.intermediate, vocab=args.vocab, heads=args.heads,
-                  kv_heads=args.kv_heads, seed=args.seed)
+    widths = {"hidden": args.hidden, "intermediate": args.intermediate, "vocab": args.vocab,
+              "heads": args.heads, "kv_heads": args.kv_heads, "seed": args.seed}
     if args.quick:
         shape = QUICK
     elif args.layers:

@@ -22,7 +22,7 @@ def test_bench_quick_prints_table_with_every_engine(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--workdir", str(tmp_path / "work"), "--json", str(out_json),
          "--threads", "1"],
-        capture_output=True, text=True, timeout=900, cwd=ROOT,
+        capture_output=True, text=True, timeout=900, cwd=ROOT, check=False,
     )
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     table = proc.stdout
@@ -46,3 +46,29 @@ def test_bench_quick_prints_table_with_every_engine(tmp_path):
         assert r["decode_s"] > 0 and r["peak"]["VmHWM"] > 0
     assert data["regimes"]["cold"]["method"] in ("cgroup-v1", "cgroup-v2", "evict")
     assert {g["goal"].split(":")[0] for g in data["goals"]} >= {"cold", "warm", "resident"}
+
+
+def test_bench_checkpoint_facts_and_page_cache_helpers(tmp_path):
+    """The generated checkpoint has the sizes its shape promises; the page-cache helpers run."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from bench import layer_facts, rss_bound
+        from bench_lib import memcap
+        from bench_lib.checkpoint import QUICK, checkpoint_files, make_checkpoint
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    path = make_checkpoint(QUICK, tmp_path, log=lambda *_: None)
+    files = checkpoint_files(path)
+    assert len(files) > 1  # sharded, like the hub's
+    facts = layer_facts(files)
+    assert facts["num_layers"] == QUICK.layers
+    assert facts["total_bytes"] == QUICK.nbytes()
+    assert facts["largest_layer"] == 2 * QUICK.layer_params()
+    assert rss_bound(facts) > facts["resident_bytes"]
+    memcap.evict_files(files)
+    assert 0.0 <= memcap.resident_fraction(files) <= 1.0
+    memcap.warm_files(files)
+    bps, nbytes = memcap.read_bandwidth(files)
+    assert nbytes == sum(f.stat().st_size for f in files) and bps > 0
+    assert make_checkpoint(QUICK, tmp_path, log=lambda *_: None) == path  # cached

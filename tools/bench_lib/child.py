@@ -43,8 +43,7 @@ class MemorySampler:
 
     def sample(self) -> None:
         for k, v in read_status().items():
-            if v > self.peak[k]:
-                self.peak[k] = v
+            self.peak[k] = max(self.peak[k], v)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -160,7 +159,6 @@ def disk_device_map(path: str, resident) -> dict:
 
 
 def load_engine(spec: dict):
-    import torch
 
     engine = spec["engine"]
     path = spec["path"]
@@ -168,8 +166,9 @@ def load_engine(spec: dict):
     if engine.startswith("rabbit"):
         from rabbitllm import AutoModel
 
-        kwargs = dict(dtype=None, device=None if device == "cpu" else device, max_memory=spec.get("max_memory"),
-                      prefetch=spec.get("prefetch", 2), profile=spec.get("profile", True))
+        kwargs = {"dtype": None, "device": None if device == "cpu" else device,
+                  "max_memory": spec.get("max_memory"), "prefetch": spec.get("prefetch", 2),
+                  "profile": spec.get("profile", True)}
         if spec.get("layers_path"):
             kwargs["layers_path"] = spec["layers_path"]
         return AutoModel.from_pretrained(path, **kwargs)

@@ -42,8 +42,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from bench_lib import memcap  # noqa: E402
-from bench_lib.checkpoint import checkpoint_files  # noqa: E402
+from bench_lib import memcap
+from bench_lib.checkpoint import checkpoint_files
 
 MODES = ("fault-file", "fault-forward", "willneed", "willneed-dontneed", "willneed-inline-forward",
          "pread-cache-forward", "pread-cache-wait-forward", "populate",
@@ -233,7 +233,8 @@ def main(argv=None) -> int:
                 os.nice(args.nice)
 
         proc = subprocess.run([sys.executable, __file__, args.ckpt, "--child", mode, "--tokens", str(args.tokens),
-                               "--depth", str(args.depth)], capture_output=True, text=True, preexec_fn=pre)
+                               "--depth", str(args.depth)], capture_output=True, text=True, preexec_fn=pre,
+                              check=False)
         stats = cg.stats() if cg else {}
         if cg:
             cg.remove()
