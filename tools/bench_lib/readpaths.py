@@ -18,6 +18,8 @@ can be made) walks the decoder layers of a safetensors checkpoint and runs one G
   populate       helper thread: madvise(MADV_POPULATE_READ) on the next `depth` layers, file order;
                  compute waits for it (no faults in compute)
   populate-forward   the same in forward order
+  populate-ctypes  as populate, through libc's madvise via ctypes (releases the GIL; CPython's
+                 mmap.madvise holds it for the whole call)
   pread          helper thread: pread into a ring of depth+1 buffers, then fadvise(DONTNEED)
   direct         helper thread: O_DIRECT pread into a ring of aligned buffers
 
@@ -46,7 +48,7 @@ from bench_lib import memcap
 from bench_lib.checkpoint import checkpoint_files
 
 MODES = ("fault-file", "fault-forward", "willneed", "willneed-dontneed", "willneed-inline-forward",
-         "pread-cache-forward", "pread-cache-wait-forward", "populate",
+         "pread-cache-forward", "pread-cache-wait-forward", "populate", "populate-ctypes",
          "populate-forward", "pread", "direct")
 FORWARD = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MADV_POPULATE_READ = 22
@@ -98,10 +100,18 @@ def child(ckpt: str, mode: str, tokens: int, depth: int) -> dict:
     def mapped(i):
         return {k: view(memoryview(maps[infos[k][0]])[infos[k][1]:infos[k][2]], k) for k in layers[i]}
 
+    import ctypes
+
+    bases = {f: ctypes.addressof(ctypes.c_char.from_buffer(m)) for f, m in maps.items()}
+
     def advise(i, how):
         for k in layers[i]:
             m, s, n = span(k)
-            m.madvise(how, s, n)
+            if mode == "populate-ctypes":
+                if memcap.libc().madvise(bases[infos[k][0]] + s, n, how) != 0:
+                    raise OSError(ctypes.get_errno(), "madvise")
+            else:
+                m.madvise(how, s, n)
 
     biggest = max(sum(infos[k][2] - infos[k][1] + 2 * PAGE for k in ly) for ly in layers)
     ring = [mmap.mmap(-1, biggest) for _ in range(depth + 1)] if mode in ("pread", "direct") else []
