@@ -110,13 +110,20 @@ def test_read_ahead_only_while_the_model_is_not_cached(llama_checkpoint):
 
 
 def test_page_warmer_reads_exactly_the_spans(tmp_path):
+    import mmap
+
     from rabbit_engine.readahead import CHUNK, PageWarmer
 
     data = tmp_path / "blob"
     data.write_bytes(b"x" * (CHUNK + 1000))
     warmer = PageWarmer()
-    try:
-        assert warmer.warm([(str(data), 10, CHUNK + 900), (str(data), 0, 5)]) == CHUNK + 890 + 5
-        assert warmer.warm([(str(data), CHUNK + 900, CHUNK + 5000)]) == 100  # stops at end of file
+    try:  # pread path (no mapping)
+        assert warmer.warm([(str(data), 10, CHUNK + 900, None), (str(data), 0, 5, None)]) == CHUNK + 890 + 5
+        assert warmer.warm([(str(data), CHUNK + 900, CHUNK + 5000, None)]) == 100  # stops at end of file
+        with open(data, "rb") as f:  # populate path, on a private map like the reader's
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        assert warmer.warm([(str(data), 4096, CHUNK, mapped)]) == CHUNK - 4096
+        warmer.close()
+        mapped.close()  # the warmer holds no buffer export on the map
     finally:
         warmer.close()

@@ -1,17 +1,31 @@
-"""Bringing a layer's bytes into the page cache ahead of use, for local files.
+"""Bringing a layer's bytes in ahead of use, for local files, in the prefetch thread.
 
 `madvise(WILLNEED)` is only a hint: measured under a memory cap, the compute thread still took most
-of the major page faults itself. Plain `pread` calls in a background thread are not a hint: they read
-the range at full sequential bandwidth (and release the GIL while they wait), so by the time the
-layer runs its pages are cached and the compute thread only maps them.
+of the page faults itself, in forward order, while reclaim took the unreferenced read-ahead pages
+first. What works is reading the layer in file order *and waiting for it*. Best is
+`madvise(MADV_POPULATE_READ)` (Linux >= 5.14) on the reader's own mapping: it reads the pages and
+fills the page tables the tensor views use, so compute takes no faults at all. It is called through
+ctypes because CPython's `mmap.madvise` holds the GIL for the whole call, which would stall the
+compute thread's Python between kernels (measured: 1.27-1.30 s/token via ctypes vs 1.46-1.49 s via
+mmap.madvise, floor 1.155 s). Where populate is unavailable, plain `pread` calls (which release the
+GIL) fill the page cache instead.
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 from collections.abc import Iterable
 
 CHUNK = 8 << 20  # bytes per pread: large sequential requests, one reusable scratch buffer
+MADV_POPULATE_READ = 22
+
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+    _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+except (OSError, AttributeError):  # no libc madvise (not Linux): pread only
+    _libc = None
 
 
 class PageWarmer:
@@ -19,25 +33,47 @@ class PageWarmer:
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
+        self._bases: dict[int, int] = {}
         self._scratch = memoryview(bytearray(CHUNK))
+        self._populate = _libc is not None
 
-    def warm(self, spans: Iterable[tuple[str, int, int]]) -> int:
-        """Read `(path, start, end)` ranges and discard the bytes; returns the bytes read."""
+    def warm(self, spans: Iterable[tuple[str, int, int, mmap.mmap | None]]) -> int:
+        """Bring `(path, start, end, mapping)` ranges in; returns the bytes covered."""
         total = 0
-        for path, start, end in spans:
-            fd = self._fds.get(path)
-            if fd is None:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            offset = start
-            while offset < end:
-                n = os.preadv(fd, [self._scratch[: min(CHUNK, end - offset)]], offset)
-                if n <= 0:
-                    break
-                offset += n
-                total += n
+        for path, start, end, mapping in spans:
+            if mapping is not None and self._populate and self._populate_range(mapping, start, end):
+                total += end - start
+                continue
+            total += self._pread(path, start, end)
+        return total
+
+    def _populate_range(self, mapping: mmap.mmap, start: int, end: int) -> bool:
+        base = self._bases.get(id(mapping))
+        if base is None:
+            # The temporary buffer export ends with this statement, so the map can still close.
+            base = self._bases[id(mapping)] = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+        start -= start % mmap.PAGESIZE
+        end = min(end, len(mapping))
+        if _libc.madvise(base + start, end - start, MADV_POPULATE_READ) == 0:
+            return True
+        self._populate = False  # EINVAL on kernels < 5.14: use pread from now on
+        return False
+
+    def _pread(self, path: str, start: int, end: int) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        offset, total = start, 0
+        while offset < end:
+            n = os.preadv(fd, [self._scratch[: min(CHUNK, end - offset)]], offset)
+            if n <= 0:
+                break
+            offset += n
+            total += n
         return total
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._bases.clear()

@@ -139,7 +139,7 @@ class LayerStreamer:
                     self._warming[j] = self._executor.submit(self._warm, j, spans)
                 self._advised.add(j)
 
-    def _local_spans(self, gid: int) -> list[tuple[str, int, int]] | None:
+    def _local_spans(self, gid: int) -> list[tuple[str, int, int, mmap.mmap | None]] | None:
         """The byte span of each local file a group reads from, or None if any file is remote."""
         spans: dict[str, list[int]] = {}
         for key in self.weight_map.groups[gid].keys:
@@ -152,10 +152,10 @@ class LayerStreamer:
             if path is None:
                 return None
             self._paths[file] = path
-            out.append((path, start, end))
+            out.append((path, start, end, self.reader.mapping(file)))
         return out
 
-    def _warm(self, gid: int, spans: list[tuple[str, int, int]]) -> None:
+    def _warm(self, gid: int, spans: list[tuple[str, int, int, mmap.mmap | None]]) -> None:
         with self.profiler.section("read"):
             self._warmer.warm(spans)
 

@@ -89,6 +89,11 @@ class LayerReader:
                         self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
             return self._maps[file]
 
+    def mapping(self, file: str) -> mmap.mmap | None:
+        """The reader's own map of a local file (None when remote): read-ahead done on it also fills
+        the page tables the returned views use."""
+        return self._map(file)
+
     def _infos(self, names: Sequence[str]) -> list[TensorInfo]:
         try:
             return [self.index.tensors[n] for n in names]
