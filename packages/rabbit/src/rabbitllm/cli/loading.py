@@ -14,22 +14,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rabbit_store.split import AUX_PATTERNS
 from rabbitllm.cli.errors import TokenizerNotFoundError
 from rabbitllm.cli.options import ModelSpec, RuntimeOptions
 
 logger = logging.getLogger(__name__)
 
-#: Files a tokenizer may consist of; config.json too, since AutoTokenizer may need the model type.
-TOKENIZER_PATTERNS = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "*.tiktoken",
-    "chat_template.*",
-    "config.json",
-)
+#: Files a tokenizer may consist of: the same top-level files a split copies beside the layers
+#: (tokenizer files, config.json for the model type, chat template), taken from the store.
+TOKENIZER_PATTERNS = AUX_PATTERNS
 #: At least one of these must exist for there to be a tokenizer at all.
 VOCAB_PATTERNS = (
     "tokenizer.json",
