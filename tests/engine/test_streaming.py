@@ -59,6 +59,49 @@ def test_budget_keeps_layers_resident_and_rejects_too_small(llama_checkpoint):
         AutoModel.from_pretrained(path, max_memory=1000)
 
 
+def test_partial_residency_reads_every_streamed_layer_ahead(tmp_path):
+    """With the first layers resident, the layer after the last one is the first *streamed* one:
+    it must be read ahead like any other, not loaded by the compute thread when its turn comes."""
+    import threading
+
+    from transformers import AutoModelForCausalLM
+
+    from rabbit_engine.weights import RESIDENT
+    from tests.models.families import FAMILIES
+
+    config = FAMILIES["llama"].make_config()
+    config.num_hidden_layers = 8  # more than the budget below can hold
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt"
+    with AutoModel.from_pretrained(path, dtype=torch.bfloat16) as probe:
+        wm = probe._rabbit_streamer.weight_map
+        fixed, layer = wm.loaded_nbytes(RESIDENT), max(wm.loaded_nbytes(i) for i in range(8))
+    budget = fixed + (2 + 1) * layer + layer + layer // 2  # the working set plus one resident layer
+    # bfloat16 from a float32 checkpoint: fetching a layer is a cast, done in the prefetch thread
+    with AutoModel.from_pretrained(path, max_memory=budget, prefetch=1, dtype=torch.bfloat16) as model:
+        streamer = model._rabbit_streamer
+        assert model.streamer_stats["resident_layers"] == [0]
+        inline: list[int] = []
+        fetch = streamer._fetch
+        main = threading.get_ident()
+
+        def spy(gid, *a, **k):
+            if threading.get_ident() == main:
+                inline.append(gid)
+            return fetch(gid, *a, **k)
+
+        streamer._fetch = spy
+        ids = torch.randint(3, 200, (1, 5))
+        model(ids)
+        first_pass = list(inline)
+        inline.clear()
+        model(ids)
+        model(ids)
+    assert first_pass == [1]  # nothing is ahead of the very first streamed layer
+    assert inline == [], f"layers loaded by the compute thread instead of read ahead: {inline}"
+
+
 def test_hf_token_alias_warns(llama_checkpoint):
     _, path = llama_checkpoint
     with pytest.warns(FutureWarning, match="token="):
@@ -84,10 +127,41 @@ def test_profiler_reports_each_step_and_the_bottleneck(llama_checkpoint):
         report = model.profile_report()
     assert report["steps"] == 4  # prefill + 3 decode steps
     assert report["prefill"]["tokens"] == 9 and report["decode_per_step"]["tokens"] == 1
-    assert report["bottleneck"] in {"I/O (waiting for reads)", "compute", "convert", "copy to device"}
+    assert report["bottleneck"] in {"I/O (waiting for reads)", "compute", "convert", "copy to device",
+                                    "I/O in page faults (compute thread)", "stalls (compute thread off CPU)"}
     assert "bottleneck" in report["summary"]
-    for key in ("read", "wait", "convert", "copy", "compute", "total"):
-        assert report["decode_per_step"][key] >= 0
+    step = report["decode_per_step"]
+    for key in ("read", "wait", "convert", "copy", "compute", "total", "compute_cpu", "stalled"):
+        assert step[key] >= 0
+    assert step["compute_cpu"] + step["stalled"] == pytest.approx(step["compute"])
+
+
+def test_profiler_counts_the_bytes_compute_faults_in_from_storage(tmp_path):
+    """A pass whose layers were evicted, after a pass that read nothing from disk (so no read-ahead
+    runs), makes the compute thread fault the weights in itself: the profiler must see those reads
+    instead of calling the step compute. (tmp_path must be on a disk: page-out needs a backing file.)"""
+    MADV_PAGEOUT = 21  # not exported by the mmap module
+    import os
+
+    from tests.models.families import build_model, save_checkpoint
+
+    ref = build_model("llama", dtype=torch.float32, seed=0)
+    path = save_checkpoint(ref, tmp_path / "ckpt", sharded=False)
+    ids = torch.randint(3, 200, (1, 5))
+    with AutoModel.from_pretrained(path, profile=True) as model:
+        model(ids)
+        model(ids)  # read nothing from disk: the next pass will not read ahead
+        reader = model._rabbit_streamer.reader
+        for file in reader.index.files:
+            mapping = reader.mapping(file)
+            mapping.madvise(MADV_PAGEOUT)  # unmap and reclaim our pages of it (Linux >= 5.4)
+            fd = os.open(os.path.join(path, file), os.O_RDONLY)
+            os.fsync(fd)  # dirty pages (the file was just written) cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        model(ids)
+        last = model._rabbit_profiler._steps[-1]
+    assert last["fault_bytes"] > 0 and last["fault_majors"] > 0, last
 
 
 def test_profiler_off_by_default(llama_checkpoint):
@@ -123,7 +197,48 @@ def test_page_warmer_reads_exactly_the_spans(tmp_path):
         with open(data, "rb") as f:  # populate path, on a private map like the reader's
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         assert warmer.warm([(str(data), 4096, CHUNK, mapped)]) == CHUNK - 4096
+        assert warmer._populate, "MADV_POPULATE_READ refused: the read-ahead fell back to pread"
+        # cool: the kernel takes the hint (MADV_COLD) and the mapped bytes stay what they were
+        warmer.cool([(str(data), 10, CHUNK, mapped), (str(data), 0, 10, None)])
+        assert warmer._cool, "MADV_COLD refused"
+        assert mapped[4096:4100] == b"xxxx" and mapped[CHUNK - 1] == ord("x")
         warmer.close()
         mapped.close()  # the warmer holds no buffer export on the map
     finally:
         warmer.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # untied and tied head
+def test_resident_weights_are_owned_copies_and_streamed_ones_are_file_views(tmp_path, family):
+    """Resident weights must survive page-cache eviction (a view over the mapped file would be
+    re-read from disk every token once streamed layers fill memory); streamed ones stay zero-copy."""
+    import ctypes
+
+    from tests.models.families import build_model, save_checkpoint
+
+    ref = build_model(family, dtype=torch.float32, seed=0)
+    path = save_checkpoint(ref, tmp_path / "ckpt", sharded=False)
+    with AutoModel.from_pretrained(path, max_memory="1GiB" if family == "qwen2" else None) as model:
+        reader = model._rabbit_streamer.reader
+        spans = []
+        for file in reader.index.files:
+            mapping = reader.mapping(file)
+            base = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+            spans.append((base, base + len(mapping)))
+
+        def in_file(t: torch.Tensor) -> bool:
+            return any(lo <= t.data_ptr() < hi for lo, hi in spans)
+
+        embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        assert not in_file(embed) and not in_file(head) and not in_file(model.model.norm.weight)
+        assert (embed.data_ptr() == head.data_ptr()) == ref.config.tie_word_embeddings
+        seen = []
+        for layer in _layers(model):
+            layer.register_forward_pre_hook(lambda mod, args: seen.append(in_file(mod.mlp.down_proj.weight)))
+        ids = torch.randint(3, 200, (1, 7))
+        out = model(ids).logits
+        del mapping
+    # qwen2 with a 1 GiB budget: every layer resident, so none is a file view
+    assert seen == [family == "llama"] * len(seen) and seen
+    with torch.no_grad():
+        torch.testing.assert_close(out, ref(ids).logits, rtol=0, atol=1e-5)

@@ -49,9 +49,10 @@ from bench_lib.checkpoint import checkpoint_files
 
 MODES = ("fault-file", "fault-forward", "willneed", "willneed-dontneed", "willneed-inline-forward",
          "pread-cache-forward", "pread-cache-wait-forward", "populate", "populate-ctypes",
-         "populate-forward", "pread", "direct")
+         "populate-forward", "populate-ctypes-cold", "populate-ctypes-pageout", "populate-ctypes-willneed", "direct-par", "pread", "direct")
 FORWARD = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MADV_POPULATE_READ = 22
+MADV_COLD, MADV_PAGEOUT = 20, 21  # after use: first in line for reclaim / reclaimed now
 PAGE = mmap.PAGESIZE
 
 
@@ -72,6 +73,7 @@ def child(ckpt: str, mode: str, tokens: int, depth: int) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("READPATHS_THREADS", "1")))
+    ballast = bytearray(int(os.environ.get("READPATHS_BALLAST_MB", "0")) << 20)  # anonymous memory held  # noqa: F841
     files = [str(p) for p in checkpoint_files(Path(ckpt))]
     infos = tensor_table(files)
     num = 1 + max(int(k.split(".")[2]) for k in infos if k.startswith("model.layers."))
@@ -107,15 +109,41 @@ def child(ckpt: str, mode: str, tokens: int, depth: int) -> dict:
     def advise(i, how):
         for k in layers[i]:
             m, s, n = span(k)
-            if mode == "populate-ctypes":
+            if mode.startswith("populate-ctypes"):
                 if memcap.libc().madvise(bases[infos[k][0]] + s, n, how) != 0:
                     raise OSError(ctypes.get_errno(), "madvise")
             else:
                 m.madvise(how, s, n)
 
     biggest = max(sum(infos[k][2] - infos[k][1] + 2 * PAGE for k in ly) for ly in layers)
-    ring = [mmap.mmap(-1, biggest) for _ in range(depth + 1)] if mode in ("pread", "direct") else []
-    fds = {f: os.open(f, os.O_RDONLY | (os.O_DIRECT if mode == "direct" else 0)) for f in files}
+    ring = [mmap.mmap(-1, biggest + (8 << 20)) for _ in range(depth + 1)] if mode in ("pread", "direct", "direct-par") else []
+    fds = {f: os.open(f, os.O_RDONLY | (os.O_DIRECT if mode.startswith("direct") else 0)) for f in files}
+    chunk_pool = ThreadPoolExecutor(int(os.environ.get("READPATHS_DIRECT_THREADS", "4")))
+    CH = int(os.environ.get("READPATHS_DIRECT_CHUNK_MB", "8")) << 20
+
+    def read_par(i):
+        """The layer's span of each file, O_DIRECT, in CH-byte requests several at a time."""
+        mv = memoryview(ring[i % len(ring)])
+        spans = {}
+        for k in layers[i]:
+            f, s, e, _, _ = infos[k]
+            sp = spans.setdefault(f, [s, e])
+            sp[0], sp[1] = min(sp[0], s), max(sp[1], e)
+        off, jobs, where = 0, [], {}
+        for f, (s, e) in spans.items():
+            a, b = s - s % PAGE, -(-e // PAGE) * PAGE
+            where[f] = (off, a)
+            for c in range(a, b, CH):
+                n = min(CH, b - c)
+                jobs.append((fds[f], mv[off + c - a: off + c - a + n], c))
+            off += b - a
+        list(chunk_pool.map(lambda j: os.preadv(j[0], [j[1]], j[2]), jobs))
+        out = {}
+        for k in layers[i]:
+            f, s, e, _, _ = infos[k]
+            o, a = where[f]
+            out[k] = view(mv[o + s - a: o + e - a], k)
+        return out
 
     def read_into(i):
         mv = memoryview(ring[i % len(ring)])
@@ -138,9 +166,13 @@ def child(ckpt: str, mode: str, tokens: int, depth: int) -> dict:
         if mode.startswith("willneed"):
             advise(i, mmap.MADV_WILLNEED)
         elif mode.startswith("populate"):
+            if mode.endswith("-willneed"):  # the whole layer's reads queued at once, then mapped
+                advise(i, mmap.MADV_WILLNEED)
             advise(i, MADV_POPULATE_READ)
         elif mode in ("pread", "direct"):
             return read_into(i)
+        elif mode == "direct-par":
+            return read_par(i)
         elif mode.startswith("pread-cache"):
             pread_span(i)
         return None
@@ -168,7 +200,7 @@ def child(ckpt: str, mode: str, tokens: int, depth: int) -> dict:
             while s < e:
                 s += os.preadv(fds[f], [mv[: min(len(mv), e - s)]], s) or (e - s)
 
-    pool = ThreadPoolExecutor(1)
+    pool = ThreadPoolExecutor(int(os.environ.get("READPATHS_WORKERS", "1")))
     inline = "inline" in mode
     racing = mode == "pread-cache-forward"  # the helper reads ahead; compute never waits for it
     helper = not mode.startswith("fault") and not inline
@@ -193,11 +225,15 @@ def child(ckpt: str, mode: str, tokens: int, depth: int) -> dict:
                     if j not in pending and j >= i:
                         pending[j] = pool.submit(job, j)
                 got = pending.pop(i).result()
-            ws = got if mode in ("pread", "direct") else mapped(i)
+            ws = got if mode in ("pread", "direct", "direct-par") else mapped(i)
             for w in ws.values():
                 w @ torch.zeros(w.shape[1], dtype=w.dtype)
             if mode.endswith("dontneed"):
                 advise(i, mmap.MADV_DONTNEED)
+            elif mode.endswith("-cold"):
+                advise(i, MADV_COLD)
+            elif mode.endswith("-pageout"):
+                advise(i, MADV_PAGEOUT)
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         steps.append(time.perf_counter() - t0)
         cpu.append((r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime))

@@ -1,7 +1,8 @@
 """The memory budget: what stays resident and what streams.
 
 Embeddings, norm and head are always resident (every token needs them); then as many decoder layers
-as fit beside the streaming working set (the layer computing plus the ones being prefetched).
+as fit beside the streaming working set (the layer computing, the ones being prefetched and the one
+just used).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import psutil
 import torch
 
+from rabbit_engine.cgroup import cgroup_available_memory
 from rabbit_engine.errors import MemoryBudgetError
 from rabbit_engine.options import parse_bytes
 from rabbit_engine.weights import RESIDENT, WeightMap
@@ -22,15 +24,27 @@ _GIB = 2**30
 
 
 def resolve_budget(max_memory: int | str | None, device: torch.device) -> int | None:
-    """`None` = stream every layer; "auto" = free RAM (or VRAM) minus a headroom."""
+    """`None` = stream every layer; "auto" = free RAM (or VRAM) minus a headroom.
+
+    Free RAM is the smaller of the machine's and what this process's memory cgroup still allows
+    (a container's limit): planning from the host's figure inside a container gets the process
+    killed.
+    """
     if max_memory is None:
         return None
     if isinstance(max_memory, str) and max_memory.strip().lower() == "auto":
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
+            where = f"free memory of {device}"
         else:
-            free = psutil.virtual_memory().available
-        return int(free * (1 - AUTO_HEADROOM))
+            free, where = psutil.virtual_memory().available, "available RAM"
+            capped = cgroup_available_memory()
+            if capped is not None and capped < free:
+                free, where = capped, "what this process's memory cgroup still allows"
+        budget = int(free * (1 - AUTO_HEADROOM))
+        logger.info("max_memory='auto': %.2f GiB (%.0f%% of %s, %.2f GiB)", budget / _GIB,
+                    100 * (1 - AUTO_HEADROOM), where, free / _GIB)
+        return budget
     return parse_bytes(max_memory, option="max_memory")
 
 
@@ -44,7 +58,10 @@ def plan_residency(weight_map: WeightMap, num_layers: int, budget: int | None, p
         logger.info("Memory budget %.2f GiB holds the whole model (%.2f GiB): every layer stays resident.",
                     budget / _GIB, (fixed + sum(sizes)) / _GIB)
         return set(range(num_layers))
-    working = (1 + prefetch) * max(sizes, default=0)
+    # The layer computing, the ones read ahead, and the one just used (its pages are reclaimed
+    # lazily): planning one layer fewer made the compute thread fault ~85 MiB per token back in
+    # under a memory cap (measured, tools/bench.py cold regime, rabbit-auto).
+    working = (2 + prefetch) * max(sizes, default=0)
     needed = fixed + max(sizes, default=0)
     if budget < needed:
         raise MemoryBudgetError(

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 
 CHUNK = 8 << 20  # bytes per pread: large sequential requests, one reusable scratch buffer
 MADV_POPULATE_READ = 22
+MADV_COLD = 20  # Linux >= 5.4: deactivate (reclaim these first), contents kept
 
 try:
     _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
@@ -29,13 +30,15 @@ except (OSError, AttributeError):  # no libc madvise (not Linux): pread only
 
 
 class PageWarmer:
-    """Used from one thread (the prefetch thread)."""
+    """`warm` runs in the prefetch thread, `cool` in the compute thread; they share only the
+    cache of mapping addresses (a dict, safe under the GIL)."""
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
         self._bases: dict[int, int] = {}
         self._scratch = memoryview(bytearray(CHUNK))
         self._populate = _libc is not None
+        self._cool = _libc is not None
 
     def warm(self, spans: Iterable[tuple[str, int, int, mmap.mmap | None]]) -> int:
         """Bring `(path, start, end, mapping)` ranges in; returns the bytes covered."""
@@ -47,14 +50,32 @@ class PageWarmer:
             total += self._pread(path, start, end)
         return total
 
-    def _populate_range(self, mapping: mmap.mmap, start: int, end: int) -> bool:
+    def cool(self, spans: Iterable[tuple[str, int, int, mmap.mmap | None]]) -> None:
+        """Mark mapped ranges just used as the first pages to reclaim (a hint: errors ignored).
+
+        Called from the compute thread after a layer ran while the model does not fit in memory.
+        Without it, the kernel's LRU sees the used layer's pages as referenced twice (read, then
+        computed on) and the read-ahead of the next layers only once, and reclaims the read-ahead
+        first: exactly the pages needed next.
+        """
+        if _libc is None or not self._cool:
+            return
+        for _, start, end, mapping in spans:
+            if mapping is not None and _libc.madvise(*self._range(mapping, start, end), MADV_COLD) != 0:
+                self._cool = False  # kernels < 5.4
+                return
+
+    def _range(self, mapping: mmap.mmap, start: int, end: int) -> tuple[int, int]:
+        """(address, length) of a page-aligned byte range of the reader's mapping."""
         base = self._bases.get(id(mapping))
         if base is None:
             # The temporary buffer export ends with this statement, so the map can still close.
             base = self._bases[id(mapping)] = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
         start -= start % mmap.PAGESIZE
-        end = min(end, len(mapping))
-        if _libc.madvise(base + start, end - start, MADV_POPULATE_READ) == 0:
+        return base + start, min(end, len(mapping)) - start
+
+    def _populate_range(self, mapping: mmap.mmap, start: int, end: int) -> bool:
+        if _libc.madvise(*self._range(mapping, start, end), MADV_POPULATE_READ) == 0:
             return True
         self._populate = False  # EINVAL on kernels < 5.14: use pread from now on
         return False

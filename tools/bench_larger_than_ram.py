@@ -1,0 +1,131 @@
+"""Run a checkpoint larger than this machine's RAM through RabbitLLM and record what it costs.
+
+The side-by-side benchmark (`tools/bench.py`) makes "larger than memory" with a memory cgroup around a
+2 GB model. This is the real thing, run by hand: a checkpoint bigger than physical RAM, no cap, no
+other engine (transformers in memory cannot load it at all). It prints tokens/s, the decode step
+against the storage floor (decoder-layer bytes / sequential cold read bandwidth of the same files,
+measured in this run), the bytes read from disk per token, and peak RSS / anonymous memory.
+
+    python tools/bench.py --make-checkpoint ...         # or any local checkpoint directory
+    python tools/bench_larger_than_ram.py /path/to/checkpoint --tokens 4 --json out.json
+
+Random-weight checkpoints of any size come from `bench_lib.checkpoint.make_checkpoint`
+(`--make hidden,layers,intermediate,heads,kv_heads` writes one under `--workdir` first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_lib import memcap  # noqa: E402
+from bench_lib.checkpoint import Shape, checkpoint_files, make_checkpoint  # noqa: E402
+from bench_lib.child import MemorySampler, io_read_bytes  # noqa: E402
+
+GIB = 2**30
+
+
+def sample_bandwidth(files: list[Path], limit: int = 4 * GIB) -> float:
+    """Cold sequential read() bandwidth over the first `limit` bytes of the files (evicted first)."""
+    memcap.evict_files(files)
+    total, start, block = 0, time.perf_counter(), bytearray(1 << 20)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while total < limit and (n := fh.readinto(block)):
+                total += n
+        if total >= limit:
+            break
+    bw = total / (time.perf_counter() - start)
+    memcap.evict_files(files)
+    return bw
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", nargs="?", help="checkpoint directory (or use --make)")
+    ap.add_argument("--make", default=None, help="hidden,layers,intermediate,heads,kv_heads of a random Llama")
+    ap.add_argument("--workdir", default="/root/big")
+    ap.add_argument("--tokens", type=int, default=4, help="decode steps timed")
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--max-memory", default=None, help="RabbitLLM max_memory (default: stream every layer)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import psutil
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.make:
+        h, n, i, a, kv = (int(x) for x in args.make.split(","))
+        path = make_checkpoint(Shape(hidden=h, layers=n, intermediate=i, heads=a, kv_heads=kv), Path(args.workdir))
+    elif args.model:
+        path = Path(args.model)
+    else:
+        ap.error("give a checkpoint directory or --make")
+    files = checkpoint_files(path)
+    size = sum(f.stat().st_size for f in files)
+    ram = psutil.virtual_memory().total
+    print(f"{path}: {size / 1e9:.2f} GB on disk; RAM {ram / 1e9:.2f} GB "
+          f"({'larger' if size > ram else 'NOT larger'} than RAM)", flush=True)
+    bw = sample_bandwidth(files)
+    print(f"cold sequential read bandwidth (4 GiB sample): {bw / GIB:.2f} GiB/s", flush=True)
+
+    from rabbitllm import AutoModel
+    from transformers import DynamicCache
+
+    memory = MemorySampler(interval=0.01).__enter__()
+    t0 = time.perf_counter()
+    model = AutoModel.from_pretrained(str(path), max_memory=args.max_memory, profile=True)
+    load_s = time.perf_counter() - t0
+    layer_bytes = sum(model._rabbit_streamer.weight_map.nbytes(i) for i in range(model.config.num_hidden_layers))
+    floor = layer_bytes / bw
+    ids = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    cache = DynamicCache(config=model.config)
+    steps, reads, tokens = [], [], []
+    with torch.inference_mode():
+        r0, t = io_read_bytes(), time.perf_counter()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        prefill = time.perf_counter() - t
+        print(f"load {load_s:.1f} s, prefill {prefill:.1f} s", flush=True)
+        for step in range(args.tokens):
+            nxt = out.logits[:, -1:].argmax(-1)
+            tokens.append(int(nxt))
+            r0, t = io_read_bytes(), time.perf_counter()
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            steps.append(time.perf_counter() - t)
+            reads.append((io_read_bytes() or 0) - (r0 or 0))
+            print(f"  step {step + 1}: {steps[-1]:.2f} s, {reads[-1] / 1e9:.2f} GB read", flush=True)
+    memory.__exit__()
+    report = model.profile_report()
+    model.close()
+    median = sorted(steps)[len(steps) // 2]
+    result = {
+        "model": str(path), "size_gb": size / 1e9, "ram_gb": ram / 1e9, "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "max_memory": args.max_memory,
+        "read_bandwidth_gib_s": bw / GIB, "decoder_layer_gb": layer_bytes / 1e9, "floor_s": floor,
+        "load_s": load_s, "prefill_s": prefill, "steps_s": steps, "median_step_s": median,
+        "tokens_per_s": 1 / median, "x_floor": median / floor, "read_gb_per_token": [r / 1e9 for r in reads],
+        "peak_rss_mb": memory.peak["VmHWM"] / 2**20, "peak_anon_mb": memory.peak["RssAnon"] / 2**20,
+        "tokens": tokens, "profile": report.get("summary"),
+    }
+    print(f"decode: median {median:.2f} s/token = {1 / median:.3f} tokens/s; floor {floor:.2f} s "
+          f"({layer_bytes / 1e9:.1f} GB / {bw / GIB:.2f} GiB/s): {median / floor:.2f}x the floor")
+    print(f"peak RSS {result['peak_rss_mb']:,.0f} MB (VmHWM: mapped file pages included), "
+          f"peak anonymous {result['peak_anon_mb']:,.0f} MB")
+    print(f"profile: {report.get('summary')}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
