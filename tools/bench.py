@@ -8,6 +8,9 @@ in up to three regimes and prints one table with the ratio of each decode step t
             model's size (a child memory cgroup), so every token re-reads the weights from disk.
             Without a usable cgroup, the child evicts the files' pages after every step instead.
             floor = decoder-layer bytes / cold sequential read bandwidth measured under the same cap.
+            Engine `rabbit-auto` (this regime only) is RabbitLLM with max_memory="auto": it keeps as
+            many layers in memory as the cgroup allows and streams the rest; its floor counts only
+            the bytes it streams.
   warm      files in the page cache, RabbitLLM streams every layer (max_memory=None).
             floor = transformers' in-memory decode step, measured in the same run.
   resident  RabbitLLM with a budget >= the model: everything stays resident.

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "tools" / "bench.py"
-ENGINES = ("rabbit", "rabbit-split", "transformers", "accelerate")
+ENGINES = ("rabbit", "rabbit-split", "rabbit-auto", "transformers", "accelerate")
 
 
 @pytest.mark.slow
@@ -31,7 +31,7 @@ def test_bench_quick_prints_table_with_every_engine(tmp_path):
     seen = {(r[0], r[1]) for r in rows if len(r) > 2 and r[0] in ENGINES}
     for regime in ("cold", "warm", "resident"):
         for engine in ENGINES:
-            if regime == "resident" and engine == "accelerate":
+            if (regime == "resident" and engine == "accelerate") or (regime != "cold" and engine == "rabbit-auto"):
                 continue
             assert (engine, regime) in seen, f"no row for {engine} in the {regime} regime:\n{table}"
     assert "cold regime capping:" in table
@@ -45,6 +45,8 @@ def test_bench_quick_prints_table_with_every_engine(tmp_path):
         assert len(r["tokens"]) == 1 + data["args"]["tokens"]
         assert r["decode_s"] > 0 and r["peak"]["VmHWM"] > 0
     assert data["regimes"]["cold"]["method"] in ("cgroup-v1", "cgroup-v2", "evict")
+    auto = next(r for r in results if r["engine"] == "rabbit-auto")
+    assert auto["streamer_stats"]["num_layers"] == 4 and "resident_layers" in auto["streamer_stats"]
     assert {g["goal"].split(":")[0] for g in data["goals"]} >= {"cold", "warm", "resident"}
 
 
