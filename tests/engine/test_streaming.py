@@ -231,6 +231,17 @@ def test_resident_weights_are_owned_copies_and_streamed_ones_are_file_views(tmp_
 
         embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
         assert not in_file(embed) and not in_file(head) and not in_file(model.model.norm.weight)
+        # the copied file pages are no longer mapped (not counted twice in RSS): pagemap's
+        # "present" bit is clear for every whole page of the embeddings' bytes in the file
+        info = next(t for k, t in reader.index.tensors.items() if k.endswith("embed_tokens.weight"))
+        base = ctypes.addressof(ctypes.c_char.from_buffer(reader.mapping(info.file)))
+        first, last = -(-(base + info.offset) // 4096), (base + info.offset + info.nbytes) // 4096
+        assert last > first
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(8 * first)
+            entries = pagemap.read(8 * (last - first))
+        present = [int.from_bytes(entries[i:i + 8], "little") >> 63 for i in range(0, len(entries), 8)]
+        assert not any(present), f"{sum(present)} of {len(present)} copied pages still mapped"
         assert (embed.data_ptr() == head.data_ptr()) == ref.config.tie_word_embeddings
         seen = []
         for layer in _layers(model):

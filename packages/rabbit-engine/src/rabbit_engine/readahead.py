@@ -21,6 +21,7 @@ from collections.abc import Iterable
 CHUNK = 8 << 20  # bytes per pread: large sequential requests, one reusable scratch buffer
 MADV_POPULATE_READ = 22
 MADV_COLD = 20  # Linux >= 5.4: deactivate (reclaim these first), contents kept
+MADV_DONTNEED = 4  # unmap: a private file mapping re-reads the file if touched again
 
 try:
     _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
@@ -64,6 +65,25 @@ class PageWarmer:
             if mapping is not None and _libc.madvise(*self._range(mapping, start, end), MADV_COLD) != 0:
                 self._cool = False  # kernels < 5.4
                 return
+
+    def unmap(self, spans: Iterable[tuple[str, int, int, mmap.mmap | None]]) -> None:
+        """Drop our page-table entries for ranges whose bytes were copied elsewhere.
+
+        The pages stay in the page cache (the kernel's to keep or drop) but leave this process's
+        RSS: after the resident weights are copied out of the mapped files, peak RSS would
+        otherwise count them twice. Only whole pages inside each range are dropped; the mapping is
+        never written, so any page touched again later just faults back in from the file.
+        """
+        if _libc is None:
+            return
+        for _, start, end, mapping in spans:
+            if mapping is None:
+                continue
+            first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+            last = min(end, len(mapping)) // mmap.PAGESIZE * mmap.PAGESIZE
+            if last > first:
+                address, _ = self._range(mapping, first, last)
+                _libc.madvise(address, last - first, MADV_DONTNEED)
 
     def _range(self, mapping: mmap.mmap, start: int, end: int) -> tuple[int, int]:
         """(address, length) of a page-aligned byte range of the reader's mapping."""

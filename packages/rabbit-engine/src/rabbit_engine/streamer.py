@@ -144,6 +144,14 @@ class LayerStreamer:
                     for name, value in table.items():
                         if value is not None and id(value) in copies:
                             table[name] = copies[id(value)]
+        del originals
+        # The file pages just copied no longer need to be mapped (nor counted in our RSS).
+        spans = []
+        for key in self.weight_map.groups[gid].keys:
+            info = self.weight_map.index.tensors[key]
+            mapping = self.reader.mapping(info.file)
+            spans.append((info.file, info.offset, info.offset + info.nbytes, mapping))
+        self._warmer.unmap(spans)
 
     @property
     def _convert_ahead(self) -> bool:
