@@ -394,6 +394,15 @@ def print_table(results: list[dict], regimes: dict, facts: dict) -> None:
     print()
     for name, reg in regimes.items():
         print(f"floor[{name}]: {reg.get('floor_desc', '-')}")
+        for r in results:
+            if r["regime"] == name and r.get("streamed_bytes") is not None:
+                kept = len((r.get("streamer_stats") or {}).get("resident_layers", []))
+                head = f"  {r['engine']} kept {kept} of {facts['num_layers']} layers in memory"
+                if r["streamed_bytes"]:
+                    print(f"{head}: its floor is its {mb(r['streamed_bytes'])} MB streamed / "
+                          f"{reg['read_bps'] / GIB:.2f} GiB/s = {r['floor_s']:.3f} s")
+                else:  # e.g. the evict method: no cap, so "auto" sees the host's free memory
+                    print(f"{head}: it streams nothing, so it has no I/O floor")
     print(f"RSS bound for streaming rows (resident {mb(facts['resident_bytes'])} MB + 3 x largest layer "
           f"{mb(facts['largest_layer'])} MB + 300 MB) = {mb(rss_bound(facts))} MB; "
           "peak RSS = VmHWM (anonymous + touched file pages), peak anon = polled RssAnon; cgroup = the "

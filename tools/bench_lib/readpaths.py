@@ -49,7 +49,7 @@ from bench_lib.checkpoint import checkpoint_files
 
 MODES = ("fault-file", "fault-forward", "willneed", "willneed-dontneed", "willneed-inline-forward",
          "pread-cache-forward", "pread-cache-wait-forward", "populate", "populate-ctypes",
-         "populate-forward", "populate-ctypes-cold", "populate-ctypes-pageout", "populate-ctypes-willneed", "direct-par", "pread", "direct")
+         "populate-forward", "populate-ctypes-cold", "populate-ctypes-pageout", "populate-ctypes-willneed", "populate-ctypes-seq", "direct-par", "pread", "direct")
 FORWARD = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MADV_POPULATE_READ = 22
 MADV_COLD, MADV_PAGEOUT = 20, 21  # after use: first in line for reclaim / reclaimed now
@@ -105,6 +105,9 @@ def child(ckpt: str, mode: str, tokens: int, depth: int) -> dict:
     import ctypes
 
     bases = {f: ctypes.addressof(ctypes.c_char.from_buffer(m)) for f, m in maps.items()}
+    if mode.endswith("-seq"):  # sequential readahead for faults (instead of read-around)
+        for m in maps.values():
+            m.madvise(mmap.MADV_SEQUENTIAL)
 
     def advise(i, how):
         for k in layers[i]:
