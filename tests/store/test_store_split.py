@@ -240,6 +240,25 @@ def test_destination_holding_another_split_is_overwritten(sharded: Checkpoint, s
     assert json.loads((dest / "model.safetensors.index.json").read_text())["weight_map"] == manifest.weight_map()
 
 
+def test_manifest_versions(sharded: Checkpoint, tmp_path: Path):
+    """Version 1 manifests (no header digests) still load and verify; a newer version is refused
+    with a message that says so, never half-read."""
+    from rabbit_store.errors import SplitError
+
+    dest = tmp_path / "dest"
+    split_checkpoint(str(sharded.path), str(dest), progress=False)
+    raw = json.loads((dest / MANIFEST_FILE).read_text())
+    assert raw["version"] == 2 and all(f["header_sha256"] for f in raw["files"] if f["part"] != "aux")
+    old = dict(raw, version=1, files=[{k: v for k, v in f.items() if k != "header_sha256"} for f in raw["files"]])
+    (dest / MANIFEST_FILE).write_text(json.dumps(old))
+    assert verify_split(str(dest)).ok
+    index = CheckpointIndex.load(open_source(str(dest)))
+    assert sorted(index.tensors) == sorted(sharded.tensors)
+    (dest / MANIFEST_FILE).write_text(json.dumps(dict(raw, version=3)))
+    with pytest.raises(SplitError, match="newer rabbit-store"):
+        verify_split(str(dest))
+
+
 def test_destination_cannot_be_the_source(sharded: Checkpoint):
     with pytest.raises(InvalidOptionError, match="is the source directory"):
         split_checkpoint(str(sharded.path), str(sharded.path) + "/.", progress=False)

@@ -16,7 +16,11 @@ from .errors import SplitError
 MANIFEST_FILE = "rabbit-split.json"
 PARTIAL_MANIFEST_FILE = "rabbit-split.partial.json"
 FORMAT = "rabbit-split"
-VERSION = 1
+#: 2 added FileEntry.header_sha256. Version 1 manifests still load (their entries have no header
+#: digest, so only sizes are checked at load); a rabbit-store that only knows 1 refuses version 2
+#: with "newer rabbit-store?" rather than failing on an unknown field.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 #: Parts of a model that get their own safetensors file ("aux": config/tokenizer copies).
 PARTS = ("embeddings", "layer", "norm", "lm_head", "other", "aux")
@@ -86,9 +90,12 @@ class Manifest:
             raw = json.loads(text)
             if raw.get("format") != FORMAT:
                 raise ValueError(f"format is {raw.get('format')!r}, not {FORMAT!r}")
-            if raw.get("version") != VERSION:
-                raise ValueError(f"version {raw.get('version')!r} is not {VERSION} (newer rabbit-store?)")
+            if raw.get("version") not in READABLE_VERSIONS:
+                raise ValueError(f"version {raw.get('version')!r} is not one of {READABLE_VERSIONS} (newer rabbit-store?)")
             files = [FileEntry(**entry) for entry in raw.pop("files")]
+            if raw["version"] == 1 and any(f.header_sha256 for f in files):
+                raise ValueError("version 1 manifests have no header_sha256")
+            raw["version"] = VERSION  # rewritten as the current version whenever it is saved again
             return cls(files=files, **raw)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise SplitError(
