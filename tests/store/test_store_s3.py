@@ -81,6 +81,17 @@ def test_local_cache_serves_the_second_read(s3, sharded: Checkpoint, tmp_path: P
     assert first == second == {n: sharded.tensors[n].tobytes() for n in plan.layers[1]}
 
 
+def test_local_cache_true_lives_under_rabbitllm_cache(s3, sharded: Checkpoint, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
+    url = f"s3://{s3['bucket']}/cached-default"
+    upload(s3["fs"], sharded.path, url)
+    monkeypatch.setenv("RABBITLLM_CACHE", str(tmp_path / "rabbit-cache"))
+    source = open_source(url, storage_options=s3["options"], local_cache=True)
+    index = CheckpointIndex.load(source)
+    LayerReader(source, index).read(LayerPlan.from_index(index).layers[0])
+    assert any((tmp_path / "rabbit-cache" / "remote").iterdir())
+
+
 def test_missing_prefix(s3):
     with pytest.raises(CheckpointNotFoundError, match="no such directory"):
         open_source(f"s3://{s3['bucket']}/nothing/here", storage_options=s3["options"])

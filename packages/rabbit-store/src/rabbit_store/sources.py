@@ -48,9 +48,11 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 def default_remote_cache_dir() -> str:
-    """Where `local_cache=True` keeps blocks of remote files (XDG cache, like huggingface_hub)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "rabbitllm", "remote")
+    """Where `local_cache=True` keeps blocks of remote files: `remote/` under RabbitLLM's cache
+    ($RABBITLLM_CACHE, else $XDG_CACHE_HOME/rabbitllm, else ~/.cache/rabbitllm), read at call time."""
+    base = os.environ.get("RABBITLLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rabbitllm")
+    return os.path.join(base, "remote")
 
 
 def relative_name(name: object, *, where: str = "file name") -> str:
