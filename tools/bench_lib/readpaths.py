@@ -20,8 +20,17 @@ can be made) walks the decoder layers of a safetensors checkpoint and runs one G
   populate-forward   the same in forward order
   populate-ctypes  as populate, through libc's madvise via ctypes (releases the GIL; CPython's
                  mmap.madvise holds it for the whole call)
+  populate-ctypes-cold     as populate-ctypes, plus madvise(MADV_COLD) on each layer after use
+  populate-ctypes-pageout  the same with MADV_PAGEOUT (reclaimed at once, in the compute thread)
+  populate-ctypes-willneed MADV_WILLNEED over the layer (all its reads queued), then populate
+  populate-ctypes-seq      populate-ctypes on mappings marked MADV_SEQUENTIAL
   pread          helper thread: pread into a ring of depth+1 buffers, then fadvise(DONTNEED)
   direct         helper thread: O_DIRECT pread into a ring of aligned buffers
+  direct-par     O_DIRECT, each layer's span in READPATHS_DIRECT_CHUNK_MB requests (default 8) from
+                 READPATHS_DIRECT_THREADS threads (default 4)
+
+Environment: READPATHS_WORKERS (helper threads, default 1), READPATHS_THREADS (torch threads),
+READPATHS_BALLAST_MB (anonymous memory the child holds, to mimic an engine's resident parts).
 
   python tools/bench_lib/readpaths.py CKPT_DIR [--cap-gb 1.41] [--tokens 6] [--modes a,b] [--warm]
 """
