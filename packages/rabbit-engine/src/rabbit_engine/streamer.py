@@ -126,7 +126,7 @@ class LayerStreamer:
         the memory budget counted anyway. Tied parameters stay tied (one copy per source tensor).
         """
         if not raw or not any(isinstance(view.obj, mmap.mmap) for view in raw.values()):
-            return  # remote reads and GPU copies already own their memory
+            return  # remote reads already own their memory (CUDA tensors are skipped below)
         copies: dict[int, torch.nn.Parameter | torch.Tensor] = {}
         originals = []  # alive until every holder is swapped, so their ids stay unique
         with self.profiler.section("convert"):
