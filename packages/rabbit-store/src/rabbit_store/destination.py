@@ -1,4 +1,5 @@
-"""Where a split is written: any fsspec URL, with atomic writes and a lock for local directories.
+"""Where a split is written: any fsspec URL, with atomic writes and a lock (a file lock locally,
+an exclusively created lock object on stores that support it, see remote_lock.py).
 
 Local files are written under a temporary name (`.NAME.<random>.incomplete`) and renamed into
 place, so a file under its final name is always whole. Object stores (s3, gcs, memory, ...) make
@@ -23,6 +24,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .errors import InvalidOptionError, MissingDependencyError
+from .remote_lock import RemoteLock
 from .sources import display_url, relative_name, storage_errors
 
 logger = logging.getLogger(__name__)
@@ -70,11 +72,10 @@ class Destination:
             self.fs.makedirs(self.root, exist_ok=True)
 
     def lock(self) -> contextlib.AbstractContextManager[object]:
-        """Serialise splits into the same local directory (a remote one gets no lock: warned)."""
+        """Serialise splits into the same destination: a second one waits for the first."""
         if self.local:
             return filelock.FileLock(os.path.join(self.root, LOCK_FILE))
-        logger.info("%s is remote: no lock; do not run two splits into it at once", self.location)
-        return contextlib.nullcontext()
+        return RemoteLock(self.fs, self.path(LOCK_FILE), location=self.location)
 
     def exists(self, name: str) -> bool:
         with storage_errors(f"{self.location}/{name}"):
