@@ -34,16 +34,9 @@ GIB = 2**30
 
 
 def sample_bandwidth(files: list[Path], limit: int = 4 * GIB) -> float:
-    """Cold sequential read() bandwidth over the first `limit` bytes of the files (evicted first)."""
-    memcap.evict_files(files)
-    total, start, block = 0, time.perf_counter(), bytearray(1 << 20)
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while total < limit and (n := fh.readinto(block)):
-                total += n
-        if total >= limit:
-            break
-    bw = total / (time.perf_counter() - start)
+    """Cold sequential read() bandwidth over the first `limit` bytes of the files, evicted again
+    afterwards so that the engine starts cold too."""
+    bw, _ = memcap.read_bandwidth(files, limit=limit)
     memcap.evict_files(files)
     return bw
 

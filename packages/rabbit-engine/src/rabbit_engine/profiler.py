@@ -108,7 +108,6 @@ class Profiler:
                    "convert": per_step["convert"], "copy to device": per_step["copy"]}
         compute_text = f"compute {per_step['compute']:.3f}s"
         if "stalled" in per_step:
-            del exposed["compute"]
             exposed["compute"] = per_step["compute_cpu"]
             # Off-CPU time inside compute: the thread blocked in page faults (it read from storage
             # itself) or, with no faults, descheduled by other work on the machine.

@@ -60,7 +60,7 @@ class LayerStreamer:
         self._advised: set[int] = set()  # layers being read ahead and not yet run
         self._warmer = PageWarmer()
         self._warming: dict[int, Future] = {}  # layer -> its read-ahead, waited for before it runs
-        self._paths: dict[str, str] = {}
+        self._spans: dict[int, list[tuple[str, int, int, mmap.mmap | None]] | None] = {}
         self._cold = True  # until a pass that read nothing from disk says the files are cached
         self._io = -1  # disk reads so far (major faults + input blocks); -1: read ahead on the first pass
         self._first_streamed = min((i for i in range(self.num_layers) if i not in self.resident_layers), default=-1)
@@ -192,19 +192,23 @@ class LayerStreamer:
                 self._advised.add(j)
 
     def _local_spans(self, gid: int) -> list[tuple[str, int, int, mmap.mmap | None]] | None:
-        """The byte span of each local file a group reads from, or None if any file is remote."""
+        """The byte span of each local file a group reads from, or None if any file is remote.
+        Computed once per group: it is asked for twice per layer and pass while the model is cold."""
+        if gid in self._spans:
+            return self._spans[gid]
         spans: dict[str, list[int]] = {}
         for key in self.weight_map.groups[gid].keys:
             info = self.weight_map.index.tensors[key]
             span = spans.setdefault(info.file, [info.offset, info.offset + info.nbytes])
             span[0], span[1] = min(span[0], info.offset), max(span[1], info.offset + info.nbytes)
-        out = []
+        out: list[tuple[str, int, int, mmap.mmap | None]] | None = []
         for file, (start, end) in spans.items():
-            path = self._paths.get(file) or self.reader.source.local_path(file)
+            path = self.reader.source.local_path(file)
             if path is None:
-                return None
-            self._paths[file] = path
+                out = None
+                break
             out.append((path, start, end, self.reader.mapping(file)))
+        self._spans[gid] = out
         return out
 
     def _warm(self, gid: int, spans: list[tuple[str, int, int, mmap.mmap | None]]) -> None:

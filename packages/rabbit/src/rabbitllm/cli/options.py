@@ -8,6 +8,7 @@ the CLI and the Python API reject the same values with the same words.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,34 +159,27 @@ def runtime_options(args: argparse.Namespace) -> RuntimeOptions:
     )
 
 
+def _number(text: str, kind: type, what: str, ok: Callable[[float], bool], rule: str) -> Any:
+    """Parse `text` as `kind` and check it; argparse shows the ArgumentTypeError as a usage error."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if not ok(value):  # a comparison that is False for nan rejects nan too
+        raise argparse.ArgumentTypeError(f"{text} must be {rule}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
+    return _number(text, int, "an integer", lambda v: v >= 1, "at least 1")
 
 
 def non_negative_float(text: str) -> float:
     """argparse type: a float >= 0 (temperature; 0 means greedy)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0 (0 = greedy)")
-    return value
+    return _number(text, float, "a number", lambda v: v >= 0, ">= 0 (0 = greedy)")
 
 
 def probability(text: str) -> float:
     """argparse type: a float in (0, 1] (top-p)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
-    return value
+    return _number(text, float, "a number", lambda v: 0 < v <= 1, "in (0, 1]")
