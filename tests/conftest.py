@@ -32,7 +32,9 @@ def s3_server() -> Iterator[str]:
 
 
 @pytest.fixture
-def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[dict]:
+def s3(
+    s3_server: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[dict]:
     """storage_options for the moto server and a fresh bucket named after the test."""
     import s3fs
 

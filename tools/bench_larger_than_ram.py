@@ -44,12 +44,16 @@ def sample_bandwidth(files: list[Path], limit: int = 4 * GIB) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", help="checkpoint directory (or use --make)")
-    ap.add_argument("--make", default=None, help="hidden,layers,intermediate,heads,kv_heads of a random Llama")
+    ap.add_argument(
+        "--make", default=None, help="hidden,layers,intermediate,heads,kv_heads of a random Llama"
+    )
     ap.add_argument("--workdir", default="/root/big")
     ap.add_argument("--tokens", type=int, default=4, help="decode steps timed")
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--max-memory", default=None, help="RabbitLLM max_memory (default: stream every layer)")
+    ap.add_argument(
+        "--max-memory", default=None, help="RabbitLLM max_memory (default: stream every layer)"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -60,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.make:
         h, n, i, a, kv = (int(x) for x in args.make.split(","))
-        path = make_checkpoint(Shape(hidden=h, layers=n, intermediate=i, heads=a, kv_heads=kv), Path(args.workdir))
+        path = make_checkpoint(
+            Shape(hidden=h, layers=n, intermediate=i, heads=a, kv_heads=kv), Path(args.workdir)
+        )
     elif args.model:
         path = Path(args.model)
     else:
@@ -68,13 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     files = checkpoint_files(path)
     size = sum(f.stat().st_size for f in files)
     ram = psutil.virtual_memory().total
-    print(f"{path}: {size / 1e9:.2f} GB on disk; RAM {ram / 1e9:.2f} GB "
-          f"({'larger' if size > ram else 'NOT larger'} than RAM)", flush=True)
+    print(
+        f"{path}: {size / 1e9:.2f} GB on disk; RAM {ram / 1e9:.2f} GB "
+        f"({'larger' if size > ram else 'NOT larger'} than RAM)",
+        flush=True,
+    )
     before = sample_bandwidth(files)
     print(f"cold sequential read bandwidth (4 GiB sample): {before / GIB:.2f} GiB/s", flush=True)
 
-    from rabbitllm import AutoModel
     from transformers import DynamicCache
+
+    from rabbitllm import AutoModel
 
     memory = MemorySampler(interval=0.01).__enter__()
     t0 = time.perf_counter()
@@ -82,10 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     load_s = time.perf_counter() - t0
     streamer = model._rabbit_streamer
     resident = streamer.resident_layers
-    layer_bytes = sum(streamer.weight_map.nbytes(i) for i in range(streamer.num_layers) if i not in resident)
-    ids = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    layer_bytes = sum(
+        streamer.weight_map.nbytes(i) for i in range(streamer.num_layers) if i not in resident
+    )
+    ids = torch.randint(
+        3, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0)
+    )
     cache = DynamicCache(config=model.config)
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kw = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
     steps, reads, tokens = [], [], []
     with torch.inference_mode():
         r0, t = io_read_bytes(), time.perf_counter()
@@ -99,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             out = model(input_ids=nxt, use_cache=True, **{cache_kw: cache})
             steps.append(time.perf_counter() - t)
             reads.append((io_read_bytes() or 0) - (r0 or 0))
-            print(f"  step {step + 1}: {steps[-1]:.2f} s, {reads[-1] / 1e9:.2f} GB read", flush=True)
+            print(
+                f"  step {step + 1}: {steps[-1]:.2f} s, {reads[-1] / 1e9:.2f} GB read", flush=True
+            )
     memory.__exit__()
     # The disk's speed drifts (a shared virtual disk's host has its own cache): bracket the run and
     # take the better sample, as tools/bench.py does.
@@ -110,22 +128,42 @@ def main(argv: list[str] | None = None) -> int:
     model.close()
     median = sorted(steps)[len(steps) // 2]
     result = {
-        "resident_layers": sorted(resident), "num_layers": streamer.num_layers,
+        "resident_layers": sorted(resident),
+        "num_layers": streamer.num_layers,
         "bandwidth_samples_gib_s": [before / GIB, after / GIB],
-        "model": str(path), "size_gb": size / 1e9, "ram_gb": ram / 1e9, "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "max_memory": args.max_memory,
-        "read_bandwidth_gib_s": bw / GIB, "decoder_layer_gb": layer_bytes / 1e9, "floor_s": floor,
-        "load_s": load_s, "prefill_s": prefill, "steps_s": steps, "median_step_s": median,
-        "tokens_per_s": 1 / median, "x_floor": median / floor, "read_gb_per_token": [r / 1e9 for r in reads],
-        "peak_rss_mb": memory.peak["VmHWM"] / 2**20, "peak_anon_mb": memory.peak["RssAnon"] / 2**20,
-        "tokens": tokens, "profile": report.get("summary"),
+        "model": str(path),
+        "size_gb": size / 1e9,
+        "ram_gb": ram / 1e9,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "max_memory": args.max_memory,
+        "read_bandwidth_gib_s": bw / GIB,
+        "decoder_layer_gb": layer_bytes / 1e9,
+        "floor_s": floor,
+        "load_s": load_s,
+        "prefill_s": prefill,
+        "steps_s": steps,
+        "median_step_s": median,
+        "tokens_per_s": 1 / median,
+        "x_floor": median / floor,
+        "read_gb_per_token": [r / 1e9 for r in reads],
+        "peak_rss_mb": memory.peak["VmHWM"] / 2**20,
+        "peak_anon_mb": memory.peak["RssAnon"] / 2**20,
+        "tokens": tokens,
+        "profile": report.get("summary"),
     }
-    print(f"resident decoder layers: {len(resident)} of {streamer.num_layers}; cold read bandwidth before/after: "
-          f"{before / GIB:.2f} / {after / GIB:.2f} GiB/s")
-    print(f"decode: median {median:.2f} s/token = {1 / median:.3f} tokens/s; floor {floor:.2f} s "
-          f"({layer_bytes / 1e9:.1f} GB streamed / {bw / GIB:.2f} GiB/s): {median / floor:.2f}x the floor")
-    print(f"peak RSS {result['peak_rss_mb']:,.0f} MB (VmHWM: mapped file pages included), "
-          f"peak anonymous {result['peak_anon_mb']:,.0f} MB")
+    print(
+        f"resident decoder layers: {len(resident)} of {streamer.num_layers}; cold read bandwidth before/after: "
+        f"{before / GIB:.2f} / {after / GIB:.2f} GiB/s"
+    )
+    print(
+        f"decode: median {median:.2f} s/token = {1 / median:.3f} tokens/s; floor {floor:.2f} s "
+        f"({layer_bytes / 1e9:.1f} GB streamed / {bw / GIB:.2f} GiB/s): {median / floor:.2f}x the floor"
+    )
+    print(
+        f"peak RSS {result['peak_rss_mb']:,.0f} MB (VmHWM: mapped file pages included), "
+        f"peak anonymous {result['peak_anon_mb']:,.0f} MB"
+    )
     print(f"profile: {report.get('summary')}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

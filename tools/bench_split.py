@@ -85,13 +85,18 @@ def write_checkpoint(path: Path, args: argparse.Namespace) -> int:
                 total += info.nbytes
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    (path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": args.layers}))
+    (path / "config.json").write_text(
+        json.dumps({"model_type": "llama", "num_hidden_layers": args.layers})
+    )
     return total
 
 
 def cpu_seconds() -> float:
     """User + system CPU time of this process (all threads) and its finished children."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
@@ -109,7 +114,9 @@ def timed(action) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--layers", type=int, default=22)
@@ -125,7 +132,9 @@ def main() -> None:
     try:
         src, copy_dir, split_dir = work / "src", work / "copy", work / "split"
         total = write_checkpoint(src, args)
-        print(f"checkpoint: {total / 1e9:.2f} GB in {len(list(src.glob('*.safetensors')))} shards, {args.layers} layers")
+        print(
+            f"checkpoint: {total / 1e9:.2f} GB in {len(list(src.glob('*.safetensors')))} shards, {args.layers} layers"
+        )
 
         def copy() -> None:
             subprocess.run(["cp", "-r", str(src), str(copy_dir)], check=True)
@@ -139,12 +148,18 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 results[name].append(timed(action))
                 cached, synced, cpu = results[name][-1]
-                print(f"run {run + 1} {name:5s}: {cached:6.2f} s cached, {synced:6.2f} s synced, {cpu:6.2f} s CPU")
+                print(
+                    f"run {run + 1} {name:5s}: {cached:6.2f} s cached, {synced:6.2f} s synced, {cpu:6.2f} s CPU"
+                )
         best = {name: [min(r[k] for r in runs) for k in range(3)] for name, runs in results.items()}
         for mode, k in (("cached", 0), ("synced", 1), ("CPU", 2)):
             ratio = best["split"][k] / best["cp"][k]
-            print(f"best {mode:6s}: cp {best['cp'][k]:6.2f} s, split {best['split'][k]:6.2f} s -> ratio split/copy = {ratio:.2f}")
-        print(f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (others' work inflates both)")
+            print(
+                f"best {mode:6s}: cp {best['cp'][k]:6.2f} s, split {best['split'][k]:6.2f} s -> ratio split/copy = {ratio:.2f}"
+            )
+        print(
+            f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (others' work inflates both)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

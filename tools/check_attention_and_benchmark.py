@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         from rabbitllm.default_model import default_model_path
 
         source = str(default_model_path())
-    from rabbit_store import open_source
     from transformers import AutoTokenizer
+
+    from rabbit_store import open_source
 
     local = open_source(source).local_path("config.json")
     if local is None:

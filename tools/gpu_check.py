@@ -18,10 +18,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.models.families import available_families, build_model, save_checkpoint  # noqa: E402
-
 from rabbitllm import AutoModel  # noqa: E402
 from rabbitllm.utils.platform import is_flash_attention_available  # noqa: E402
+from tests.models.families import available_families, build_model, save_checkpoint  # noqa: E402
 
 
 def check_family(family: str, tmp: Path, dtype: torch.dtype) -> tuple[bool, str]:
@@ -29,17 +28,28 @@ def check_family(family: str, tmp: Path, dtype: torch.dtype) -> tuple[bool, str]
     path = save_checkpoint(ref, tmp / family, sharded=True)
     ref = ref.to(device="cuda", dtype=dtype)
     ids = torch.randint(3, ref.config.vocab_size - 1, (1, 24), device="cuda")
-    kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=ref.config.pad_token_id or 0)
-    with AutoModel.from_pretrained(path, device="cuda", dtype=dtype, attn_implementation="sdpa") as model:
+    kw = dict(
+        max_new_tokens=16,
+        min_new_tokens=16,
+        do_sample=False,
+        pad_token_id=ref.config.pad_token_id or 0,
+    )
+    with AutoModel.from_pretrained(
+        path, device="cuda", dtype=dtype, attn_implementation="sdpa"
+    ) as model:
         with torch.no_grad():
             diff = (ref(ids).logits.float() - model(ids).logits.float()).abs().max().item()
         same = torch.equal(ref.generate(ids, **kw), model.generate(ids, **kw))
-    return same and diff <= (1e-4 if dtype == torch.float32 else 5e-2), f"max|dlogits|={diff:.2e} tokens_equal={same}"
+    return same and diff <= (
+        1e-4 if dtype == torch.float32 else 5e-2
+    ), f"max|dlogits|={diff:.2e} tokens_equal={same}"
 
 
 def main() -> int:
     assert torch.cuda.is_available(), "run this on a CUDA machine"
-    print("GPU:", torch.cuda.get_device_name(), "flash:", is_flash_attention_available(torch.bfloat16))
+    print(
+        "GPU:", torch.cuda.get_device_name(), "flash:", is_flash_attention_available(torch.bfloat16)
+    )
     failures = 0
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,7 +57,9 @@ def main() -> int:
             for family in available_families():
                 ok, detail = check_family(family, Path(tmp), dtype)
                 failures += not ok
-                print(f"{'ok  ' if ok else 'FAIL'} {family:16s} {str(dtype):15s} {detail}", flush=True)
+                print(
+                    f"{'ok  ' if ok else 'FAIL'} {family:16s} {str(dtype):15s} {detail}", flush=True
+                )
     print(f"parity: {failures} failure(s) in {time.time() - start:.0f}s")
     bench = ROOT / "tools" / "bench.py"
     if bench.exists():

@@ -103,9 +103,10 @@ def test_chat_session_reuses_the_cache_and_matches_a_fresh_run(default_model_cac
     """In process, on transformers' own model: turn 2 runs only the new tokens and answers the same."""
     import copy
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from rabbitllm.cli.chat import ChatSession
     from rabbitllm.cli.generation import Sampling
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(default_model_cache.model_dir)
     model = AutoModelForCausalLM.from_pretrained(default_model_cache.model_dir).eval()
@@ -320,10 +321,11 @@ def test_tokenizer_from_a_remote_store_is_fetched(default_model_cache):
     import uuid
 
     import fsspec
+    from transformers import AutoTokenizer
+
     from rabbit_store import open_source
     from rabbitllm.cli.errors import TokenizerNotFoundError
     from rabbitllm.cli.loading import load_tokenizer, tokenizer_files
-    from transformers import AutoTokenizer
 
     fs = fsspec.filesystem("memory")
     root = f"/rabbit-cli-{uuid.uuid4().hex}"

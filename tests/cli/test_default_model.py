@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from rabbit_store.errors import RabbitError
 from rabbitllm import default_model as dm
 

@@ -10,17 +10,32 @@ import torch
 from rabbit_engine.attention import PlatformFacts, flash_attention_status, select_attention
 from rabbit_engine.errors import InvalidOptionError
 
-AMPERE = PlatformFacts(flash_attn_error=None, cuda_available=True, gpu_name="NVIDIA A100", compute_capability=(8, 0))
-TURING = PlatformFacts(flash_attn_error=None, cuda_available=True, gpu_name="Tesla T4", compute_capability=(7, 5))
-NO_PKG = PlatformFacts(flash_attn_error="the flash-attn package is not installed", cuda_available=True,
-                       gpu_name="NVIDIA A100", compute_capability=(8, 0))
-BROKEN = PlatformFacts(flash_attn_error=None, cuda_available=True, gpu_name="NVIDIA H100",
-                       compute_capability=(9, 0), runtime_check_error="flash-attn runtime check failed: ABI")
+AMPERE = PlatformFacts(
+    flash_attn_error=None, cuda_available=True, gpu_name="NVIDIA A100", compute_capability=(8, 0)
+)
+TURING = PlatformFacts(
+    flash_attn_error=None, cuda_available=True, gpu_name="Tesla T4", compute_capability=(7, 5)
+)
+NO_PKG = PlatformFacts(
+    flash_attn_error="the flash-attn package is not installed",
+    cuda_available=True,
+    gpu_name="NVIDIA A100",
+    compute_capability=(8, 0),
+)
+BROKEN = PlatformFacts(
+    flash_attn_error=None,
+    cuda_available=True,
+    gpu_name="NVIDIA H100",
+    compute_capability=(9, 0),
+    runtime_check_error="flash-attn runtime check failed: ABI",
+)
 CUDA = torch.device("cuda")
 
 
 def pick(requested, facts, *, dtype=torch.bfloat16, device=CUDA, flash=True, sdpa=True):
-    return select_attention(requested, supports_flash=flash, supports_sdpa=sdpa, dtype=dtype, device=device, facts=facts)
+    return select_attention(
+        requested, supports_flash=flash, supports_sdpa=sdpa, dtype=dtype, device=device, facts=facts
+    )
 
 
 def test_auto_picks_flash_on_ampere_with_half_precision(caplog):
@@ -69,7 +84,9 @@ def test_unknown_implementation_is_a_clear_error():
 
 def test_status_tuple():
     assert flash_attention_status(torch.float16, AMPERE) == (True, "")
-    ok, reason = flash_attention_status(None, PlatformFacts(flash_attn_error=None, cuda_available=False))
+    ok, reason = flash_attention_status(
+        None, PlatformFacts(flash_attn_error=None, cuda_available=False)
+    )
     assert not ok and reason == "CUDA is not available"
 
 

@@ -36,15 +36,18 @@ def _v1_tree(tmp_path: Path, *, limit: int, usage: int, cache: int) -> Path:
     group.mkdir(parents=True)
     (group / "memory.stat").write_text(
         f"cache 4096\nrss 8192\nhierarchical_memory_limit {limit}\nhierarchical_memsw_limit {limit}\n"
-        f"total_cache {cache}\ntotal_rss {usage - cache}\n")
+        f"total_cache {cache}\ntotal_rss {usage - cache}\n"
+    )
     (group / "memory.usage_in_bytes").write_text(f"{usage}\n")
     return mount
 
 
 def _v1_mountinfo(mount: Path, root: str = "/") -> str:
-    return (f"31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
-            f"35 31 0:32 {root} {mount} rw,relatime - cgroup cgroup rw,memory\n"
-            f"36 31 0:33 / /sys/fs/cgroup/devices rw,relatime - cgroup cgroup rw,devices\n")
+    return (
+        f"31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
+        f"35 31 0:32 {root} {mount} rw,relatime - cgroup cgroup rw,memory\n"
+        f"36 31 0:33 / /sys/fs/cgroup/devices rw,relatime - cgroup cgroup rw,devices\n"
+    )
 
 
 def test_v1_limit_minus_unreclaimable_usage(tmp_path):
@@ -77,15 +80,20 @@ def test_v2_takes_the_tightest_ancestor(tmp_path):
     mount = tmp_path / "unified"
     _v2_level(mount / "user.slice", f"{4000 * MIB}", 3000 * MIB, 500 * MIB)  # 1500 left here
     _v2_level(mount / "user.slice/job", "max", 900 * MIB, 600 * MIB)  # no limit of its own
-    proc = _proc(tmp_path, "0::/user.slice/job\n",
-                 f"41 31 0:38 / {mount} rw,relatime - cgroup2 cgroup2 rw,nsdelegate\n")
+    proc = _proc(
+        tmp_path,
+        "0::/user.slice/job\n",
+        f"41 31 0:38 / {mount} rw,relatime - cgroup2 cgroup2 rw,nsdelegate\n",
+    )
     assert cgroup_available_memory(proc) == 1500 * MIB
     _v2_level(mount / "user.slice/job", f"{1000 * MIB}", 900 * MIB, 600 * MIB)  # 700 left here
     assert cgroup_available_memory(proc) == 700 * MIB
 
 
 def test_no_cgroup_files_means_no_limit(tmp_path):
-    proc = _proc(tmp_path, "0::/gone\n", f"41 31 0:38 / {tmp_path / 'absent'} rw - cgroup2 cgroup2 rw\n")
+    proc = _proc(
+        tmp_path, "0::/gone\n", f"41 31 0:38 / {tmp_path / 'absent'} rw - cgroup2 cgroup2 rw\n"
+    )
     assert cgroup_available_memory(proc) is None
     assert cgroup_available_memory(tmp_path / "no-proc") is None
 
@@ -101,11 +109,18 @@ def test_auto_budget_is_capped_by_a_real_memory_cgroup(tmp_path):
     group.mkdir()
     try:
         (group / "memory.limit_in_bytes").write_text(str(1 << 30))
-        code = ("import torch; from rabbit_engine.budget import resolve_budget; "
-                "print(resolve_budget('auto', torch.device('cpu')))")
+        code = (
+            "import torch; from rabbit_engine.budget import resolve_budget; "
+            "print(resolve_budget('auto', torch.device('cpu')))"
+        )
         out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
-            preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+            preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())),
+        )
         budget = int(out.stdout.strip().splitlines()[-1])
         assert 0 < budget < (1 << 30) * (1 - AUTO_HEADROOM)
     finally:

@@ -24,7 +24,10 @@ def test_device_strings():
             parse_device("cuda")
 
 
-@pytest.mark.parametrize(("text", "size"), [("6GiB", 6 * 2**30), ("500MB", 500 * 10**6), ("1.5 GB", 1_500_000_000), (1024, 1024)])
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("6GiB", 6 * 2**30), ("500MB", 500 * 10**6), ("1.5 GB", 1_500_000_000), (1024, 1024)],
+)
 def test_sizes(text, size):
     assert parse_bytes(text) == size
 

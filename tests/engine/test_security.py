@@ -29,7 +29,11 @@ def test_pickle_refused_by_default_with_a_way_out(pickle_checkpoint):
     with pytest.raises(PickleRefusedError) as err:
         AutoModel.from_pretrained(path)
     message = str(err.value)
-    assert "pytorch_model.bin" in message and "allow_pickle=True" in message and "save_pretrained" in message
+    assert (
+        "pytorch_model.bin" in message
+        and "allow_pickle=True" in message
+        and "save_pretrained" in message
+    )
 
 
 def test_pickle_allowed_is_converted_once_and_exact(pickle_checkpoint, tmp_path):
@@ -67,7 +71,9 @@ def test_remote_code_needs_the_flag(tmp_path, llama_checkpoint):
     for f in ckpt.iterdir():
         (path / f.name).write_bytes(f.read_bytes())
     config = json.loads((path / "config.json").read_text())
-    config.update(model_type="my_custom_llm", auto_map={"AutoConfig": "configuration_custom.CustomConfig"})
+    config.update(
+        model_type="my_custom_llm", auto_map={"AutoConfig": "configuration_custom.CustomConfig"}
+    )
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match="trust_remote_code=True"):
         AutoModel.from_pretrained(path)

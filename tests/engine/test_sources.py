@@ -4,7 +4,6 @@ S3 (a moto server on 127.0.0.1) straight from the shards, and split directories,
 from __future__ import annotations
 
 import huggingface_hub
-import pytest
 import torch
 
 from rabbit_store import split_checkpoint
@@ -48,7 +47,9 @@ def test_split_directory_local_and_on_s3(tmp_path, s3, llama_checkpoint):
     split_checkpoint(str(path), str(local_split), progress=False)
     with AutoModel.from_pretrained(path, layers_path=local_split) as model:
         _same_as_reference(model, ref)
-    with AutoModel.from_pretrained(local_split) as model:  # a split directory is a checkpoint itself
+    with AutoModel.from_pretrained(
+        local_split
+    ) as model:  # a split directory is a checkpoint itself
         _same_as_reference(model, ref)
     s3_split = f"s3://{s3['bucket']}/split"
     split_checkpoint(str(path), s3_split, dest_storage_options=s3["options"], progress=False)

@@ -19,7 +19,9 @@ def test_decode_steps_run_layers_on_one_new_token(llama_checkpoint):
     seen: list[int] = []
     with AutoModel.from_pretrained(path) as model:
         hook = _layers(model)[0].register_forward_pre_hook(
-            lambda mod, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[1]),
+            lambda mod, args, kwargs: seen.append(
+                kwargs.get("hidden_states", args[0] if args else None).shape[1]
+            ),
             with_kwargs=True,
         )
         model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -38,7 +40,9 @@ def test_at_most_prefetch_plus_one_layers_hold_weights(llama_checkpoint, prefetc
             counts.append(sum(any(not p.is_meta for p in layer.parameters()) for layer in layers))
 
         hooks = [layer.register_forward_pre_hook(count) for layer in layers]
-        model.generate(torch.randint(3, 200, (1, 9)), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        model.generate(
+            torch.randint(3, 200, (1, 9)), max_new_tokens=4, do_sample=False, pad_token_id=0
+        )
         for h in hooks:
             h.remove()
         # Hooks registered after the streamer's run after its loader: the running layer is the only
@@ -54,7 +58,9 @@ def test_budget_keeps_layers_resident_and_rejects_too_small(llama_checkpoint):
     expected = ref.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     with AutoModel.from_pretrained(path, max_memory="1GiB") as model:
         assert model.streamer_stats["resident_layers"] == list(range(ref.config.num_hidden_layers))
-        assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), expected)
+        assert torch.equal(
+            model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), expected
+        )
     with pytest.raises(MemoryBudgetError, match="at least"):
         AutoModel.from_pretrained(path, max_memory=1000)
 
@@ -79,7 +85,9 @@ def test_partial_residency_reads_every_streamed_layer_ahead(tmp_path):
         fixed, layer = wm.loaded_nbytes(RESIDENT), max(wm.loaded_nbytes(i) for i in range(8))
     budget = fixed + (2 + 1) * layer + layer + layer // 2  # the working set plus one resident layer
     # bfloat16 from a float32 checkpoint: fetching a layer is a cast, done in the prefetch thread
-    with AutoModel.from_pretrained(path, max_memory=budget, prefetch=1, dtype=torch.bfloat16) as model:
+    with AutoModel.from_pretrained(
+        path, max_memory=budget, prefetch=1, dtype=torch.bfloat16
+    ) as model:
         streamer = model._rabbit_streamer
         assert model.streamer_stats["resident_layers"] == [0]
         inline: list[int] = []
@@ -122,13 +130,24 @@ def test_default_dtype_is_the_checkpoints(tmp_path):
 def test_profiler_reports_each_step_and_the_bottleneck(llama_checkpoint):
     _, path = llama_checkpoint
     with AutoModel.from_pretrained(path, profile=True) as model:
-        model.generate(torch.randint(3, 200, (1, 9)), max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                       pad_token_id=0)
+        model.generate(
+            torch.randint(3, 200, (1, 9)),
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+        )
         report = model.profile_report()
     assert report["steps"] == 4  # prefill + 3 decode steps
     assert report["prefill"]["tokens"] == 9 and report["decode_per_step"]["tokens"] == 1
-    assert report["bottleneck"] in {"I/O (waiting for reads)", "compute", "convert", "copy to device",
-                                    "I/O in page faults (compute thread)", "stalls (compute thread off CPU)"}
+    assert report["bottleneck"] in {
+        "I/O (waiting for reads)",
+        "compute",
+        "convert",
+        "copy to device",
+        "I/O in page faults (compute thread)",
+        "stalls (compute thread off CPU)",
+    }
     assert "bottleneck" in report["summary"]
     step = report["decode_per_step"]
     for key in ("read", "wait", "convert", "copy", "compute", "total", "compute_cpu", "stalled"):
@@ -192,8 +211,13 @@ def test_page_warmer_reads_exactly_the_spans(tmp_path):
     data.write_bytes(b"x" * (CHUNK + 1000))
     warmer = PageWarmer()
     try:  # pread path (no mapping)
-        assert warmer.warm([(str(data), 10, CHUNK + 900, None), (str(data), 0, 5, None)]) == CHUNK + 890 + 5
-        assert warmer.warm([(str(data), CHUNK + 900, CHUNK + 5000, None)]) == 100  # stops at end of file
+        assert (
+            warmer.warm([(str(data), 10, CHUNK + 900, None), (str(data), 0, 5, None)])
+            == CHUNK + 890 + 5
+        )
+        assert (
+            warmer.warm([(str(data), CHUNK + 900, CHUNK + 5000, None)]) == 100
+        )  # stops at end of file
         with open(data, "rb") as f:  # populate path, on a private map like the reader's
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         assert warmer.warm([(str(data), 4096, CHUNK, mapped)]) == CHUNK - 4096
@@ -240,12 +264,16 @@ def test_resident_weights_are_owned_copies_and_streamed_ones_are_file_views(tmp_
         with open("/proc/self/pagemap", "rb") as pagemap:
             pagemap.seek(8 * first)
             entries = pagemap.read(8 * (last - first))
-        present = [int.from_bytes(entries[i:i + 8], "little") >> 63 for i in range(0, len(entries), 8)]
+        present = [
+            int.from_bytes(entries[i : i + 8], "little") >> 63 for i in range(0, len(entries), 8)
+        ]
         assert not any(present), f"{sum(present)} of {len(present)} copied pages still mapped"
         assert (embed.data_ptr() == head.data_ptr()) == ref.config.tie_word_embeddings
         seen = []
         for layer in _layers(model):
-            layer.register_forward_pre_hook(lambda mod, args: seen.append(in_file(mod.mlp.down_proj.weight)))
+            layer.register_forward_pre_hook(
+                lambda mod, args: seen.append(in_file(mod.mlp.down_proj.weight))
+            )
         ids = torch.randint(3, 200, (1, 7))
         out = model(ids).logits
         del mapping

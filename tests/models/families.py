@@ -221,31 +221,72 @@ _MOE = dict(num_experts_per_tok=_MOE_TOPK, moe_intermediate_size=_MOE_INTER)
 _family("olmo", clip_qkv=None, notes="non-parametric LayerNorm")
 _family("olmo3", sliding_window=8, layer_types=[SW, FULL], notes="sliding window 8 on layer 0")
 _family("helium", tie_word_embeddings=True)
-_family("smollm3", tie_word_embeddings=True, no_rope_layers=[1, 0], use_sliding_window=False,
-        notes="layer 1 is NoPE (no rotary)")
+_family(
+    "smollm3",
+    tie_word_embeddings=True,
+    no_rope_layers=[1, 0],
+    use_sliding_window=False,
+    notes="layer 1 is NoPE (no rotary)",
+)
 _family("arcee", notes="ReLU^2 MLP without gate")
-_family("apertus", min_transformers="5.1.0",
-        notes="xIELU activation, q/k norm (5.0.0 cannot reload its own save: meta-tensor "
-        "copy error)")
+_family(
+    "apertus",
+    min_transformers="5.1.0",
+    notes="xIELU activation, q/k norm (5.0.0 cannot reload its own save: meta-tensor copy error)",
+)
 _family("seed_oss", residual_dropout=0.0, attention_bias=True, notes="qkv bias")
 _family("ministral", sliding_window=8, layer_types=[SW, FULL], notes="sliding window 8 on layer 0")
 _family("ministral3", tie_word_embeddings=True)
 _family("glm", partial_rotary_factor=0.5, notes="partial rotary, fused gate_up")
 _family("glm4", partial_rotary_factor=0.5, notes="sandwich norms, partial rotary")
-_family("cohere", logit_scale=0.5, tie_word_embeddings=True, use_qk_norm=True,
-        notes="parallel attn/mlp, LayerNorm without bias, logit_scale, tied")
-_family("cohere2", logit_scale=0.5, tie_word_embeddings=True, sliding_window=8, layer_types=[SW,
-        FULL],
-        notes="sliding window 8 on layer 0 (NoPE on the full layer), tied")
-_family("stablelm", use_qkv_bias=True, qk_layernorm=True, partial_rotary_factor=0.25,
-        notes="LayerNorm, partial rotary, per-head q/k LayerNorm")
-_family("gpt_neox", use_parallel_residual=True, partial_rotary_factor=0.25, classifier_dropout=0.0,
-        notes="gpt_neox.layers prefix, fused qkv, parallel residual")
-_family("falcon", new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True, bias=False,
-        ffn_hidden_size=128, alibi=False, multi_query=False, head_dim=_DROP,
-        notes="transformer.h prefix, new decoder architecture (GQA, two LayerNorms)")
-_family("exaone4", sliding_window=8, layer_types=[SW, FULL], tie_word_embeddings=True,
-        notes="post-norms, q/k norm, sliding window 8 on layer 0 (NoPE on full layers)")
+_family(
+    "cohere",
+    logit_scale=0.5,
+    tie_word_embeddings=True,
+    use_qk_norm=True,
+    notes="parallel attn/mlp, LayerNorm without bias, logit_scale, tied",
+)
+_family(
+    "cohere2",
+    logit_scale=0.5,
+    tie_word_embeddings=True,
+    sliding_window=8,
+    layer_types=[SW, FULL],
+    notes="sliding window 8 on layer 0 (NoPE on the full layer), tied",
+)
+_family(
+    "stablelm",
+    use_qkv_bias=True,
+    qk_layernorm=True,
+    partial_rotary_factor=0.25,
+    notes="LayerNorm, partial rotary, per-head q/k LayerNorm",
+)
+_family(
+    "gpt_neox",
+    use_parallel_residual=True,
+    partial_rotary_factor=0.25,
+    classifier_dropout=0.0,
+    notes="gpt_neox.layers prefix, fused qkv, parallel residual",
+)
+_family(
+    "falcon",
+    new_decoder_architecture=True,
+    num_kv_heads=2,
+    parallel_attn=True,
+    bias=False,
+    ffn_hidden_size=128,
+    alibi=False,
+    multi_query=False,
+    head_dim=_DROP,
+    notes="transformer.h prefix, new decoder architecture (GQA, two LayerNorms)",
+)
+_family(
+    "exaone4",
+    sliding_window=8,
+    layer_types=[SW, FULL],
+    tie_word_embeddings=True,
+    notes="post-norms, q/k norm, sliding window 8 on layer 0 (NoPE on full layers)",
+)
 _family("ernie4_5", use_bias=False, tie_word_embeddings=True)
 _family("hunyuan_v1_dense", notes="q/k norm after rope")
 _family("nemotron", partial_rotary_factor=0.5, notes="LayerNorm1P, relu^2 MLP, partial rotary")
@@ -253,178 +294,563 @@ _family("persimmon", qk_layernorm=True, notes="LayerNorm, fused qkv, relu^2")
 _family("diffllama", lambda_std_dev=0.1, notes="differential attention")
 _family("jais2", notes="LayerNorm, biased MLP")
 _family("nanochat", tie_word_embeddings=False, notes="parameter-free RMSNorm, logit soft-cap")
-_family("hyperclovax", min_transformers="5.9.0", embedding_multiplier=2.0, residual_multiplier=0.8,
-        attention_multiplier=0.25,
-        logits_scaling=1.0, use_post_norm=True, notes="peri-layer norms, granite-style multipliers")
+_family(
+    "hyperclovax",
+    min_transformers="5.9.0",
+    embedding_multiplier=2.0,
+    residual_multiplier=0.8,
+    attention_multiplier=0.25,
+    logits_scaling=1.0,
+    use_post_norm=True,
+    notes="peri-layer norms, granite-style multipliers",
+)
 _family("exaone", min_transformers="5.24.0", notes="config maps onto LlamaForCausalLM")
 _family("internlm3", min_transformers="5.23.0", notes="config maps onto LlamaForCausalLM")
 _family("iquestcoder", min_transformers="5.23.0", notes="config maps onto LlamaForCausalLM")
 _family("cwm", sliding_window=8, layer_types=[FULL, SW], notes="sliding window 8 on layer 1")
-_family("vaultgemma", query_pre_attn_scalar=16, sliding_window=8, layer_types=[SW, FULL],
-        notes="gemma-style, sliding window 8 on layer 0; untied (see gemma2)")
+_family(
+    "vaultgemma",
+    query_pre_attn_scalar=16,
+    sliding_window=8,
+    layer_types=[SW, FULL],
+    notes="gemma-style, sliding window 8 on layer 0; untied (see gemma2)",
+)
 _family("bitnet", notes="BitNet architecture in plain (unquantized) Linear layers, sub-norms")
-_family("granite_swa", min_transformers="5.15.0", sliding_window=8, layer_types=[FULL, SW],
-        embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=1.0 / 16,
-        logits_scaling=2.0, notes="granite with sliding window 8 on layer 1")
+_family(
+    "granite_swa",
+    min_transformers="5.15.0",
+    sliding_window=8,
+    layer_types=[FULL, SW],
+    embedding_multiplier=2.0,
+    residual_multiplier=0.5,
+    attention_multiplier=1.0 / 16,
+    logits_scaling=2.0,
+    notes="granite with sliding window 8 on layer 1",
+)
 # MoE
-_family("olmoe", num_experts=_MOE_EXPERTS, num_experts_per_tok=_MOE_TOPK, clip_qkv=None,
-        notes="MoE in every layer")
-_family("flex_olmo", num_experts=_MOE_EXPERTS, num_experts_per_tok=_MOE_TOPK,
-        notes="MoE in every layer")
-_family("granitemoe", num_local_experts=_MOE_EXPERTS, num_experts_per_tok=_MOE_TOPK,
-        embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0,
-        notes="MoE in every layer, granite multipliers")
-_family("granitemoeshared", num_local_experts=_MOE_EXPERTS, num_experts_per_tok=_MOE_TOPK,
-        shared_intermediate_size=64, notes="MoE + shared MLP in every layer")
-_family("phimoe", num_local_experts=_MOE_EXPERTS, num_experts_per_tok=_MOE_TOPK,
-        router_jitter_noise=0.0, input_jitter_noise=0.0, sliding_window=None,
-        notes="sparsemixer routing, LayerNorm")
-_family("jetmoe", num_local_experts=_MOE_EXPERTS, num_experts_per_tok=_MOE_TOPK, kv_channels=16,
-        num_key_value_heads=_DROP, head_dim=_DROP, tie_word_embeddings=True,
-        notes="mixture of attention heads + MoE MLP")
-_family("ernie4_5_moe", moe_num_experts=_MOE_EXPERTS, moe_k=_MOE_TOPK,
-        moe_intermediate_size=_MOE_INTER,
-        moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=1,
-        moe_layer_interval=1, use_bias=False, notes="layer 0 dense, layer 1 MoE + shared expert")
-_family("hunyuan_v1_moe", num_experts=_MOE_EXPERTS, moe_topk=_MOE_TOPK,
-        notes="MoE + shared MLP in every layer")
-_family("glm4_moe", num_hidden_layers=3, n_routed_experts=_MOE_EXPERTS, n_shared_experts=1,
-        first_k_dense_replace=1, n_group=1, topk_group=1, partial_rotary_factor=0.5,
-        use_qk_norm=True, **_MOE, notes="layer 0 dense, layers 1-2 sigmoid-routed MoE")
-_family("glm4_moe_lite", num_hidden_layers=3, n_routed_experts=_MOE_EXPERTS, n_shared_experts=1,
-        mlp_layer_types=["dense", "sparse", "sparse"], n_group=1, topk_group=1,
-        kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-        head_dim=8, num_key_value_heads=4, **_MOE, notes="MLA + MoE (layers 1-2)")
-_family("minimax_m2", num_local_experts=_MOE_EXPERTS, num_experts_per_tok=_MOE_TOPK,
-        router_jitter_noise=0.0, notes="MoE in every layer, q/k norm over all heads")
-_family("solar_open", n_routed_experts=_MOE_EXPERTS, n_shared_experts=1, n_group=1, topk_group=1,
-        **_MOE, notes="MoE in every layer")
-_family("dots1", num_hidden_layers=3, n_routed_experts=_MOE_EXPERTS, n_shared_experts=1,
-        first_k_dense_replace=1, n_group=1, topk_group=1, **_MOE,
-        notes="layer 0 dense, layers 1-2 MoE")
-_family("llama4_text", num_local_experts=_MOE_EXPERTS, num_experts_per_tok=1,
-        intermediate_size_mlp=128, moe_layers=[1], interleave_moe_layer_step=2,
-        attention_chunk_size=8, no_rope_layers=[1, 0], layer_types=["chunked_attention", FULL],
-        notes="chunked attention (8) on layer 0, NoPE layer 1, MoE top-1 on layer 1")
-_family("gpt_oss", num_local_experts=_MOE_EXPERTS, num_experts_per_tok=_MOE_TOPK,
-        sliding_window=8, layer_types=[SW, FULL], head_dim=16,
-        notes="attention sinks, clamped swiglu MoE, sliding window 8 on layer 0")
-_family("dbrx", min_transformers="5.15.0", d_model=64, n_heads=4, n_layers=2, max_seq_len=256,
-        attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
-        ffn_config=dict(hidden_size=64, ffn_hidden_size=128, moe_num_experts=_MOE_EXPERTS,
-                        moe_top_k=_MOE_TOPK),
-        notes="transformer.blocks prefix, MoE in every layer")
-_family("mellum", min_transformers="5.10.1", num_local_experts=_MOE_EXPERTS,
-        mlp_layer_types=["dense", "sparse"],
-        sliding_window=8, layer_types=[SW, FULL], **_MOE,
-        notes="layer 0 dense + sliding window 8, layer 1 MoE")
-_family("afmoe", num_experts=_MOE_EXPERTS, num_dense_layers=1, num_shared_experts=1,
-        sliding_window=8, layer_types=[SW, FULL], **_MOE, notes="layer 0 dense, layer 1 MoE")
-_family("cohere2_moe", min_transformers="5.9.0", logit_scale=0.5, num_experts=_MOE_EXPERTS,
-        num_experts_per_tok=_MOE_TOPK, sliding_window=8,
-        layer_types=[SW, FULL], tie_word_embeddings=True, notes="MoE, sliding window 8 on layer 0")
-_family("laguna", min_transformers="5.7.0", num_experts=_MOE_EXPERTS,
-        shared_expert_intermediate_size=64, sliding_window=8,
-        layer_types=[SW, FULL], **_MOE, notes="MoE + shared expert, sliding window 8 on layer 0")
-_family("kolibri1", min_transformers="5.20.0", num_local_experts=_MOE_EXPERTS,
-        shared_expert_intermediate_size=64,
-        sliding_window=8, layer_types=[SW, FULL], **_MOE, notes="MoE, sliding window 8 on layer 0")
-_family("beam", min_transformers="5.21.0", num_experts=_MOE_EXPERTS, sliding_window=8,
-        layer_types=[SW, FULL], **_MOE,
-        notes="MoE, sliding window 8 on layer 0")
-_family("flint", min_transformers="5.21.0", num_experts=_MOE_EXPERTS,
-        shared_expert_intermediate_size=64, mlp_only_layers=[0],
-        sliding_window=8, layer_types=[FULL, SW], **_MOE,
-        notes="layer 0 dense, layer 1 MoE with sliding window 8")
-_family("mimo_v2_flash", min_transformers="5.13.0", n_routed_experts=_MOE_EXPERTS, n_group=1,
-        topk_group=1, head_dim=24,
-        v_head_dim=16, sliding_window=8, layer_types=[FULL, SW], **_MOE,
-        notes="q/k head_dim 24 != v head_dim 16, sliding window 8 on layer 1")
-_family("hy_v3", min_transformers="5.6.0", num_experts=_MOE_EXPERTS, num_shared_experts=1,
-        mlp_layer_types=["dense", "sparse"],
-        **_MOE, notes="layer 0 dense, layer 1 MoE")
-_family("exaone_moe", min_transformers="5.1.0", num_experts=_MOE_EXPERTS, num_shared_experts=1,
-        mlp_layer_types=["dense", "sparse"], sliding_window=8, layer_types=[SW, FULL], **_MOE,
-        notes="layer 0 dense + sliding window 8, layer 1 MoE")
-_family("aria_text", moe_num_experts=_MOE_EXPERTS, moe_topk=_MOE_TOPK, moe_num_shared_experts=1,
-        notes="text decoder of Aria: MoE in every layer")
-_family("sarvam_moe", min_transformers="5.24.0", num_hidden_layers=3,
-        n_routed_experts=_MOE_EXPERTS, n_shared_experts=1,
-        first_k_dense_replace=1, n_group=1, topk_group=1, **_MOE,
-        notes="config maps onto Glm4MoeForCausalLM")
+_family(
+    "olmoe",
+    num_experts=_MOE_EXPERTS,
+    num_experts_per_tok=_MOE_TOPK,
+    clip_qkv=None,
+    notes="MoE in every layer",
+)
+_family(
+    "flex_olmo", num_experts=_MOE_EXPERTS, num_experts_per_tok=_MOE_TOPK, notes="MoE in every layer"
+)
+_family(
+    "granitemoe",
+    num_local_experts=_MOE_EXPERTS,
+    num_experts_per_tok=_MOE_TOPK,
+    embedding_multiplier=2.0,
+    residual_multiplier=0.5,
+    logits_scaling=2.0,
+    notes="MoE in every layer, granite multipliers",
+)
+_family(
+    "granitemoeshared",
+    num_local_experts=_MOE_EXPERTS,
+    num_experts_per_tok=_MOE_TOPK,
+    shared_intermediate_size=64,
+    notes="MoE + shared MLP in every layer",
+)
+_family(
+    "phimoe",
+    num_local_experts=_MOE_EXPERTS,
+    num_experts_per_tok=_MOE_TOPK,
+    router_jitter_noise=0.0,
+    input_jitter_noise=0.0,
+    sliding_window=None,
+    notes="sparsemixer routing, LayerNorm",
+)
+_family(
+    "jetmoe",
+    num_local_experts=_MOE_EXPERTS,
+    num_experts_per_tok=_MOE_TOPK,
+    kv_channels=16,
+    num_key_value_heads=_DROP,
+    head_dim=_DROP,
+    tie_word_embeddings=True,
+    notes="mixture of attention heads + MoE MLP",
+)
+_family(
+    "ernie4_5_moe",
+    moe_num_experts=_MOE_EXPERTS,
+    moe_k=_MOE_TOPK,
+    moe_intermediate_size=_MOE_INTER,
+    moe_num_shared_experts=1,
+    moe_layer_start_index=1,
+    moe_layer_end_index=1,
+    moe_layer_interval=1,
+    use_bias=False,
+    notes="layer 0 dense, layer 1 MoE + shared expert",
+)
+_family(
+    "hunyuan_v1_moe",
+    num_experts=_MOE_EXPERTS,
+    moe_topk=_MOE_TOPK,
+    notes="MoE + shared MLP in every layer",
+)
+_family(
+    "glm4_moe",
+    num_hidden_layers=3,
+    n_routed_experts=_MOE_EXPERTS,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    partial_rotary_factor=0.5,
+    use_qk_norm=True,
+    **_MOE,
+    notes="layer 0 dense, layers 1-2 sigmoid-routed MoE",
+)
+_family(
+    "glm4_moe_lite",
+    num_hidden_layers=3,
+    n_routed_experts=_MOE_EXPERTS,
+    n_shared_experts=1,
+    mlp_layer_types=["dense", "sparse", "sparse"],
+    n_group=1,
+    topk_group=1,
+    kv_lora_rank=32,
+    q_lora_rank=48,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    head_dim=8,
+    num_key_value_heads=4,
+    **_MOE,
+    notes="MLA + MoE (layers 1-2)",
+)
+_family(
+    "minimax_m2",
+    num_local_experts=_MOE_EXPERTS,
+    num_experts_per_tok=_MOE_TOPK,
+    router_jitter_noise=0.0,
+    notes="MoE in every layer, q/k norm over all heads",
+)
+_family(
+    "solar_open",
+    n_routed_experts=_MOE_EXPERTS,
+    n_shared_experts=1,
+    n_group=1,
+    topk_group=1,
+    **_MOE,
+    notes="MoE in every layer",
+)
+_family(
+    "dots1",
+    num_hidden_layers=3,
+    n_routed_experts=_MOE_EXPERTS,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    **_MOE,
+    notes="layer 0 dense, layers 1-2 MoE",
+)
+_family(
+    "llama4_text",
+    num_local_experts=_MOE_EXPERTS,
+    num_experts_per_tok=1,
+    intermediate_size_mlp=128,
+    moe_layers=[1],
+    interleave_moe_layer_step=2,
+    attention_chunk_size=8,
+    no_rope_layers=[1, 0],
+    layer_types=["chunked_attention", FULL],
+    notes="chunked attention (8) on layer 0, NoPE layer 1, MoE top-1 on layer 1",
+)
+_family(
+    "gpt_oss",
+    num_local_experts=_MOE_EXPERTS,
+    num_experts_per_tok=_MOE_TOPK,
+    sliding_window=8,
+    layer_types=[SW, FULL],
+    head_dim=16,
+    notes="attention sinks, clamped swiglu MoE, sliding window 8 on layer 0",
+)
+_family(
+    "dbrx",
+    min_transformers="5.15.0",
+    d_model=64,
+    n_heads=4,
+    n_layers=2,
+    max_seq_len=256,
+    attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+    ffn_config=dict(
+        hidden_size=64, ffn_hidden_size=128, moe_num_experts=_MOE_EXPERTS, moe_top_k=_MOE_TOPK
+    ),
+    notes="transformer.blocks prefix, MoE in every layer",
+)
+_family(
+    "mellum",
+    min_transformers="5.10.1",
+    num_local_experts=_MOE_EXPERTS,
+    mlp_layer_types=["dense", "sparse"],
+    sliding_window=8,
+    layer_types=[SW, FULL],
+    **_MOE,
+    notes="layer 0 dense + sliding window 8, layer 1 MoE",
+)
+_family(
+    "afmoe",
+    num_experts=_MOE_EXPERTS,
+    num_dense_layers=1,
+    num_shared_experts=1,
+    sliding_window=8,
+    layer_types=[SW, FULL],
+    **_MOE,
+    notes="layer 0 dense, layer 1 MoE",
+)
+_family(
+    "cohere2_moe",
+    min_transformers="5.9.0",
+    logit_scale=0.5,
+    num_experts=_MOE_EXPERTS,
+    num_experts_per_tok=_MOE_TOPK,
+    sliding_window=8,
+    layer_types=[SW, FULL],
+    tie_word_embeddings=True,
+    notes="MoE, sliding window 8 on layer 0",
+)
+_family(
+    "laguna",
+    min_transformers="5.7.0",
+    num_experts=_MOE_EXPERTS,
+    shared_expert_intermediate_size=64,
+    sliding_window=8,
+    layer_types=[SW, FULL],
+    **_MOE,
+    notes="MoE + shared expert, sliding window 8 on layer 0",
+)
+_family(
+    "kolibri1",
+    min_transformers="5.20.0",
+    num_local_experts=_MOE_EXPERTS,
+    shared_expert_intermediate_size=64,
+    sliding_window=8,
+    layer_types=[SW, FULL],
+    **_MOE,
+    notes="MoE, sliding window 8 on layer 0",
+)
+_family(
+    "beam",
+    min_transformers="5.21.0",
+    num_experts=_MOE_EXPERTS,
+    sliding_window=8,
+    layer_types=[SW, FULL],
+    **_MOE,
+    notes="MoE, sliding window 8 on layer 0",
+)
+_family(
+    "flint",
+    min_transformers="5.21.0",
+    num_experts=_MOE_EXPERTS,
+    shared_expert_intermediate_size=64,
+    mlp_only_layers=[0],
+    sliding_window=8,
+    layer_types=[FULL, SW],
+    **_MOE,
+    notes="layer 0 dense, layer 1 MoE with sliding window 8",
+)
+_family(
+    "mimo_v2_flash",
+    min_transformers="5.13.0",
+    n_routed_experts=_MOE_EXPERTS,
+    n_group=1,
+    topk_group=1,
+    head_dim=24,
+    v_head_dim=16,
+    sliding_window=8,
+    layer_types=[FULL, SW],
+    **_MOE,
+    notes="q/k head_dim 24 != v head_dim 16, sliding window 8 on layer 1",
+)
+_family(
+    "hy_v3",
+    min_transformers="5.6.0",
+    num_experts=_MOE_EXPERTS,
+    num_shared_experts=1,
+    mlp_layer_types=["dense", "sparse"],
+    **_MOE,
+    notes="layer 0 dense, layer 1 MoE",
+)
+_family(
+    "exaone_moe",
+    min_transformers="5.1.0",
+    num_experts=_MOE_EXPERTS,
+    num_shared_experts=1,
+    mlp_layer_types=["dense", "sparse"],
+    sliding_window=8,
+    layer_types=[SW, FULL],
+    **_MOE,
+    notes="layer 0 dense + sliding window 8, layer 1 MoE",
+)
+_family(
+    "aria_text",
+    moe_num_experts=_MOE_EXPERTS,
+    moe_topk=_MOE_TOPK,
+    moe_num_shared_experts=1,
+    notes="text decoder of Aria: MoE in every layer",
+)
+_family(
+    "sarvam_moe",
+    min_transformers="5.24.0",
+    num_hidden_layers=3,
+    n_routed_experts=_MOE_EXPERTS,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    **_MOE,
+    notes="config maps onto Glm4MoeForCausalLM",
+)
 # Multi-head latent attention (MLA) families besides deepseek
-_MLA = dict(kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-            head_dim=8, num_key_value_heads=4)
+_MLA = dict(
+    kv_lora_rank=32,
+    q_lora_rank=48,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    head_dim=8,
+    num_key_value_heads=4,
+)
 _family("youtu", min_transformers="5.1.0", **_MLA, notes="MLA, dense MLP")
-_family("minicpm3", min_transformers="5.13.0", **_MLA, scale_emb=2, scale_depth=1.4,
-        dim_model_base=64,
-        notes="MLA, muP-style embedding/depth/logit scales")
-_family("sarvam_mla", min_transformers="5.24.0", num_hidden_layers=3,
-        n_routed_experts=_MOE_EXPERTS, n_shared_experts=1,
-        first_k_dense_replace=1, n_group=1, topk_group=1, **{**_MLA, "q_lora_rank": None}, **_MOE,
-        notes="MLA (no q compression) + MoE on layers 1-2")
-_family("axk1", min_transformers="5.15.0", num_hidden_layers=3, n_routed_experts=_MOE_EXPERTS,
-        n_shared_experts=1,
-        mlp_layer_types=["dense", "sparse", "sparse"], n_group=1, topk_group=1, **_MLA, **_MOE,
-        notes="MLA + MoE on layers 1-2")
-_family("longcat_flash", num_layers=2, ffn_hidden_size=128, expert_ffn_hidden_size=_MOE_INTER,
-        n_routed_experts=_MOE_EXPERTS, zero_expert_num=2, moe_topk=_MOE_TOPK, **_MLA,
-        notes="MLA, shortcut-connected MoE with zero (identity) experts; 2 sub-layers per layer "
-        "(config.num_hidden_layers reads 4 in transformers 5.0, 2 in later versions)")
+_family(
+    "minicpm3",
+    min_transformers="5.13.0",
+    **_MLA,
+    scale_emb=2,
+    scale_depth=1.4,
+    dim_model_base=64,
+    notes="MLA, muP-style embedding/depth/logit scales",
+)
+_family(
+    "sarvam_mla",
+    min_transformers="5.24.0",
+    num_hidden_layers=3,
+    n_routed_experts=_MOE_EXPERTS,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    **{**_MLA, "q_lora_rank": None},
+    **_MOE,
+    notes="MLA (no q compression) + MoE on layers 1-2",
+)
+_family(
+    "axk1",
+    min_transformers="5.15.0",
+    num_hidden_layers=3,
+    n_routed_experts=_MOE_EXPERTS,
+    n_shared_experts=1,
+    mlp_layer_types=["dense", "sparse", "sparse"],
+    n_group=1,
+    topk_group=1,
+    **_MLA,
+    **_MOE,
+    notes="MLA + MoE on layers 1-2",
+)
+_family(
+    "longcat_flash",
+    num_layers=2,
+    ffn_hidden_size=128,
+    expert_ffn_hidden_size=_MOE_INTER,
+    n_routed_experts=_MOE_EXPERTS,
+    zero_expert_num=2,
+    moe_topk=_MOE_TOPK,
+    **_MLA,
+    notes="MLA, shortcut-connected MoE with zero (identity) experts; 2 sub-layers per layer "
+    "(config.num_hidden_layers reads 4 in transformers 5.0, 2 in later versions)",
+)
 # Classic GPT-style stacks
-_family("gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=256, n_inner=128, resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-        notes="transformer.h prefix, Conv1D weights, learned positions, tied")
-_family("gpt_bigcode", n_embd=64, n_layer=2, n_head=4, n_positions=256, n_inner=128,
-        multi_query=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-        notes="multi-query attention, learned positions")
-_family("gpt_neo", num_layers=2, attention_types=[[["global", "local"], 1]], window_size=8,
-        resid_dropout=0.0, embed_dropout=0.0, tie_word_embeddings=True,
-        notes="alternating global/local (window 8) attention, learned positions")
-_family("gptj", n_embd=64, n_layer=2, n_head=4, n_positions=256, n_inner=128, rotary_dim=8,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, notes="parallel attn/mlp, partial rotary")
-_family("codegen", n_embd=64, n_layer=2, n_head=4, n_positions=256, n_ctx=256, n_inner=128,
-        rotary_dim=8, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        notes="fused qkv (mp_num=4 layout), partial rotary")
-_family("bloom", n_layer=2, n_head=4, notes="ALiBi, fused qkv, embedding LayerNorm; untied (tied "
-        "random weights repeat the last token)")
-_family("opt", ffn_dim=128, word_embed_proj_dim=64, do_layer_norm_before=True, dropout=0.0,
-        activation_dropout=0.0, enable_bias=True, tie_word_embeddings=True,
-        notes="learned positions (offset 2), model.decoder.layers prefix")
-_family("mpt", d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=256,
-        attn_config=dict(alibi=True), tie_word_embeddings=True,
-        notes="ALiBi, transformer.blocks prefix")
-_family("xglm", d_model=64, ffn_dim=128, attention_heads=4, num_layers=2, dropout=0.0,
-        activation_dropout=0.0, layerdrop=0.0, scale_embedding=True,
-        notes="sinusoidal positions, scaled embedding; untied (see bloom)")
-_family("biogpt", layerdrop=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        activation_dropout=0.0, notes="learned positions, scaled embedding; untied (see bloom)")
-_family("gpt_neox_japanese", intermediate_multiple_size=2, rotary_pct=1.0, hidden_dropout=0.0,
-        notes="gpt_neox variant with dense bias")
+_family(
+    "gpt2",
+    n_embd=64,
+    n_layer=2,
+    n_head=4,
+    n_positions=256,
+    n_inner=128,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    tie_word_embeddings=True,
+    notes="transformer.h prefix, Conv1D weights, learned positions, tied",
+)
+_family(
+    "gpt_bigcode",
+    n_embd=64,
+    n_layer=2,
+    n_head=4,
+    n_positions=256,
+    n_inner=128,
+    multi_query=True,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    tie_word_embeddings=True,
+    notes="multi-query attention, learned positions",
+)
+_family(
+    "gpt_neo",
+    num_layers=2,
+    attention_types=[[["global", "local"], 1]],
+    window_size=8,
+    resid_dropout=0.0,
+    embed_dropout=0.0,
+    tie_word_embeddings=True,
+    notes="alternating global/local (window 8) attention, learned positions",
+)
+_family(
+    "gptj",
+    n_embd=64,
+    n_layer=2,
+    n_head=4,
+    n_positions=256,
+    n_inner=128,
+    rotary_dim=8,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    notes="parallel attn/mlp, partial rotary",
+)
+_family(
+    "codegen",
+    n_embd=64,
+    n_layer=2,
+    n_head=4,
+    n_positions=256,
+    n_ctx=256,
+    n_inner=128,
+    rotary_dim=8,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    notes="fused qkv (mp_num=4 layout), partial rotary",
+)
+_family(
+    "bloom",
+    n_layer=2,
+    n_head=4,
+    notes="ALiBi, fused qkv, embedding LayerNorm; untied (tied "
+    "random weights repeat the last token)",
+)
+_family(
+    "opt",
+    ffn_dim=128,
+    word_embed_proj_dim=64,
+    do_layer_norm_before=True,
+    dropout=0.0,
+    activation_dropout=0.0,
+    enable_bias=True,
+    tie_word_embeddings=True,
+    notes="learned positions (offset 2), model.decoder.layers prefix",
+)
+_family(
+    "mpt",
+    d_model=64,
+    n_heads=4,
+    n_layers=2,
+    expansion_ratio=2,
+    max_seq_len=256,
+    attn_config=dict(alibi=True),
+    tie_word_embeddings=True,
+    notes="ALiBi, transformer.blocks prefix",
+)
+_family(
+    "xglm",
+    d_model=64,
+    ffn_dim=128,
+    attention_heads=4,
+    num_layers=2,
+    dropout=0.0,
+    activation_dropout=0.0,
+    layerdrop=0.0,
+    scale_embedding=True,
+    notes="sinusoidal positions, scaled embedding; untied (see bloom)",
+)
+_family(
+    "biogpt",
+    layerdrop=0.0,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    activation_dropout=0.0,
+    notes="learned positions, scaled embedding; untied (see bloom)",
+)
+_family(
+    "gpt_neox_japanese",
+    intermediate_multiple_size=2,
+    rotary_pct=1.0,
+    hidden_dropout=0.0,
+    notes="gpt_neox variant with dense bias",
+)
 
-_family("ctrl", n_embd=64, dff=128, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0,
-        embd_pdrop=0.0, notes="sinusoidal positions, transformer.h prefix")
-_family("modernbert-decoder", num_hidden_layers=2, sliding_window=8, local_attention=16,
-        layer_types=[SW, FULL], tie_word_embeddings=True, embedding_dropout=0.0, mlp_dropout=0.0,
-        notes="ModernBERT trained as a decoder: sliding window 8 on layer 0, tied")
+_family(
+    "ctrl",
+    n_embd=64,
+    dff=128,
+    n_layer=2,
+    n_head=4,
+    n_positions=256,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    notes="sinusoidal positions, transformer.h prefix",
+)
+_family(
+    "modernbert-decoder",
+    num_hidden_layers=2,
+    sliding_window=8,
+    local_attention=16,
+    layer_types=[SW, FULL],
+    tie_word_embeddings=True,
+    embedding_dropout=0.0,
+    mlp_dropout=0.0,
+    notes="ModernBERT trained as a decoder: sliding window 8 on layer 0, tied",
+)
 _family("apertus1p5_text", min_transformers="5.24.0", notes="text decoder of Apertus 1.5")
-_family("gemma4_text", min_transformers="5.5.0", vocab_size_per_layer_input=VOCAB,
-        hidden_size_per_layer_input=16,
-        sliding_window=8, layer_types=[SW, FULL], per_layer_config={}, num_kv_shared_layers=0,
-        notes="per-layer input embeddings, sliding window 8 on layer 0")
-_family("gemma4_unified_text", min_transformers="5.10.1", sliding_window=8, layer_types=[SW, FULL],
-        per_layer_config={},
-        num_kv_shared_layers=0, use_bidirectional_attention=None,
-        notes="sliding window 8 on layer 0")
-_family("granitemoe_swa", min_transformers="5.15.0", num_local_experts=_MOE_EXPERTS,
-        num_experts_per_tok=_MOE_TOPK,
-        shared_intermediate_size=64, sliding_window=8, layer_types=[FULL, SW],
-        embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0,
-        notes="MoE + shared MLP, sliding window 8 on layer 1")
-_family("doge", min_transformers="5.18.0", is_moe=False,
-        notes="dynamic-mask attention (keep_window_size default 2048 > any test prompt); "
-        "before 5.18 "
-        "cached greedy decoding differs from recomputation")
+_family(
+    "gemma4_text",
+    min_transformers="5.5.0",
+    vocab_size_per_layer_input=VOCAB,
+    hidden_size_per_layer_input=16,
+    sliding_window=8,
+    layer_types=[SW, FULL],
+    per_layer_config={},
+    num_kv_shared_layers=0,
+    notes="per-layer input embeddings, sliding window 8 on layer 0",
+)
+_family(
+    "gemma4_unified_text",
+    min_transformers="5.10.1",
+    sliding_window=8,
+    layer_types=[SW, FULL],
+    per_layer_config={},
+    num_kv_shared_layers=0,
+    use_bidirectional_attention=None,
+    notes="sliding window 8 on layer 0",
+)
+_family(
+    "granitemoe_swa",
+    min_transformers="5.15.0",
+    num_local_experts=_MOE_EXPERTS,
+    num_experts_per_tok=_MOE_TOPK,
+    shared_intermediate_size=64,
+    sliding_window=8,
+    layer_types=[FULL, SW],
+    embedding_multiplier=2.0,
+    residual_multiplier=0.5,
+    logits_scaling=2.0,
+    notes="MoE + shared MLP, sliding window 8 on layer 1",
+)
+_family(
+    "doge",
+    min_transformers="5.18.0",
+    is_moe=False,
+    notes="dynamic-mask attention (keep_window_size default 2048 > any test prompt); "
+    "before 5.18 "
+    "cached greedy decoding differs from recomputation",
+)
 
 # Shared reasons for REJECTED.
 _SPARSE_INDEXER = (
@@ -571,7 +997,7 @@ REJECTED: dict[str, str] = {
         "multi-token-prediction drafter for gemma4_unified: consumes the target model's hidden "
         "states, not a stand-alone LM"
     ),
-    "gpt-sw3": 'tokenizer-only alias: the config and model are gpt2 (covered by the gpt2 family)',
+    "gpt-sw3": "tokenizer-only alias: the config and model are gpt2 (covered by the gpt2 family)",
     "hrm_text": (
         "hierarchical reasoning model: recurrent high/low-level modules iterate over the same "
         "layers per token"
@@ -579,10 +1005,10 @@ REJECTED: dict[str, str] = {
     "minimax_m3_vl_text": (
         "lightning (linear) attention layers plus an indexer: not a plain KV cache"
     ),
-    "moshi": 'speech-text model (depth decoder over audio codebooks)',
-    "openai-gpt": 'no KV cache support in transformers (use_cache/past_key_values not implemented)',
-    "reformer": 'LSH/local attention with reversible layers; needs is_decoder and chunked buckets',
-    "xlnet": 'permutation LM with two-stream attention and memory (mems), not a causal decoder',
+    "moshi": "speech-text model (depth decoder over audio codebooks)",
+    "openai-gpt": "no KV cache support in transformers (use_cache/past_key_values not implemented)",
+    "reformer": "LSH/local attention with reversible layers; needs is_decoder and chunked buckets",
+    "xlnet": "permutation LM with two-stream attention and memory (mems), not a causal decoder",
 }
 
 

@@ -28,13 +28,34 @@ from .families import available_families, build_model, save_checkpoint
 # The families the issue names run on every test run; every other family the factory builds runs
 # under the `slow` marker (CI and the README test command run those too).
 REQUIRED = {
-    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-    "gemma3_text", "phi", "phi3", "deepseek_v2", "deepseek_v3", "olmo2", "granite", "starcoder2",
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi",
+    "phi3",
+    "deepseek_v2",
+    "deepseek_v3",
+    "olmo2",
+    "granite",
+    "starcoder2",
 }
 # Only families this transformers ships (README lists the first version of each); none is skipped.
-FAMILY_IDS = [f if f in REQUIRED else pytest.param(f, marks=pytest.mark.slow) for f in sorted(available_families())]
-BIT_EXACT_IDS = [f for f in ("llama", "mixtral", "qwen3", "gemma2", "deepseek_v3", "glm4", "youtu", "sarvam_moe")
-                 if f in available_families()]
+FAMILY_IDS = [
+    f if f in REQUIRED else pytest.param(f, marks=pytest.mark.slow)
+    for f in sorted(available_families())
+]
+BIT_EXACT_IDS = [
+    f
+    for f in ("llama", "mixtral", "qwen3", "gemma2", "deepseek_v3", "glm4", "youtu", "sarvam_moe")
+    if f in available_families()
+]
 PROMPT_LEN = 24
 FP32_TOL = 1e-5
 
@@ -44,8 +65,6 @@ def _fp32_close(expected: torch.Tensor, got: torch.Tensor) -> tuple[bool, float]
     ulp = 2.0 ** (math.floor(math.log2(max(magnitude, 1e-30))) - 23)
     diff = (expected - got).abs().max().item()
     return diff <= max(FP32_TOL, 32 * ulp), diff
-
-
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +122,10 @@ def test_fp32_logits_and_decode_steps(family, checkpoints):
 def test_bit_exact_mode_gives_identical_fp32_logits(family, checkpoints):
     ref, sharded, _ = checkpoints(family)
     ids = _prompt(ref.config.vocab_size)
-    with AutoModel.from_pretrained(sharded, dtype=torch.float32, bit_exact=True) as model, torch.no_grad():
+    with (
+        AutoModel.from_pretrained(sharded, dtype=torch.float32, bit_exact=True) as model,
+        torch.no_grad(),
+    ):
         cache_ref, cache_rab = DynamicCache(config=ref.config), DynamicCache(config=ref.config)
         a = ref(ids, past_key_values=cache_ref, use_cache=True).logits
         b = model(ids, past_key_values=cache_rab, use_cache=True).logits
@@ -126,9 +148,13 @@ def test_generate_greedy_sampled_and_batched(family, checkpoints):
         greedy = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, **kw)
         expected = ref.generate(ids, **greedy)
         assert torch.equal(model.generate(ids, **greedy), expected)
-        assert len(set(expected[0, PROMPT_LEN:].tolist())) > 1, "degenerate reference: one token repeated"
+        assert len(set(expected[0, PROMPT_LEN:].tolist())) > 1, (
+            "degenerate reference: one token repeated"
+        )
 
-        sampled = dict(max_new_tokens=12, min_new_tokens=12, do_sample=True, top_k=0, temperature=1.0, **kw)
+        sampled = dict(
+            max_new_tokens=12, min_new_tokens=12, do_sample=True, top_k=0, temperature=1.0, **kw
+        )
         torch.manual_seed(123)
         expected = ref.generate(ids, **sampled)
         torch.manual_seed(123)
@@ -141,7 +167,9 @@ def test_generate_greedy_sampled_and_batched(family, checkpoints):
         for row, n in enumerate(lengths):
             batch[row, : PROMPT_LEN - n] = kw["pad_token_id"]
             mask[row, : PROMPT_LEN - n] = 0
-        batched = dict(attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, **kw)
+        batched = dict(
+            attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, **kw
+        )
         assert torch.equal(model.generate(batch, **batched), ref.generate(batch, **batched))
 
 

@@ -29,8 +29,12 @@ def test_greedy_text_equals_transformers(smollm2):
     with AutoModel.from_pretrained(smollm2) as model:
         assert model.config.num_hidden_layers == ref.config.num_hidden_layers == 30
         for prompt in PROMPTS:
-            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            )
             kw = dict(max_new_tokens=24, do_sample=False)
             expected = tok.decode(ref.generate(**ids, **kw)[0], skip_special_tokens=True)
             got = tok.decode(model.generate(**ids, **kw)[0], skip_special_tokens=True)

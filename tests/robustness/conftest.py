@@ -24,7 +24,10 @@ def cli_env(**extra: str) -> dict[str, str]:
 def start_store_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "rabbit_store.cli", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or cli_env(),
     )
 
 
@@ -80,8 +83,13 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=64, tie_word_embeddings=False,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama") / "model"

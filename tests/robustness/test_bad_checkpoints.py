@@ -27,7 +27,6 @@ from rabbit_store.errors import (
 )
 from rabbit_store.inspect import describe
 from rabbit_store.manifest import MANIFEST_FILE
-
 from tests.store.store_helpers import model_tensors, odd_shards, write_checkpoint
 
 from .conftest import assert_one_line_error, finish, snapshot, start_store_cli, store_cli
@@ -44,7 +43,9 @@ def single(path: Path) -> Path:
     return write_checkpoint(path, model_tensors(num_layers=3)).path
 
 
-def raw_single(header: object, data: bytes = b"", *, length: int | None = None) -> Callable[[Path], Path]:
+def raw_single(
+    header: object, data: bytes = b"", *, length: int | None = None
+) -> Callable[[Path], Path]:
     """A model.safetensors with exactly this header (and a valid config beside it)."""
 
     def build(path: Path) -> Path:
@@ -68,7 +69,9 @@ def edit_index(change: Callable[[dict], None]) -> Callable[[Path], Path]:
     return build
 
 
-def mutate(file: str, change: Callable[[bytes], bytes], base: Callable[[Path], Path] = sharded) -> Callable[[Path], Path]:
+def mutate(
+    file: str, change: Callable[[bytes], bytes], base: Callable[[Path], Path] = sharded
+) -> Callable[[Path], Path]:
     def build(path: Path) -> Path:
         base(path)
         target = path / file
@@ -106,54 +109,93 @@ class Case:
 
 F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 CASES: dict[str, Case] = {
-    "missing path": Case(None, CheckpointNotFoundError, ("case-dir", "is not a directory", "pass the directory")),
-    "no checkpoint files": Case(config_only, CheckpointNotFoundError, ("model.safetensors", "pass the directory")),
+    "missing path": Case(
+        None, CheckpointNotFoundError, ("case-dir", "is not a directory", "pass the directory")
+    ),
+    "no checkpoint files": Case(
+        config_only, CheckpointNotFoundError, ("model.safetensors", "pass the directory")
+    ),
     "index names a missing shard": Case(
         edit_index(lambda m: m.update({"model.norm.weight": "model-00009-of-00009.safetensors"})),
-        ShardNotFoundError, ("model-00009-of-00009.safetensors", "Re-download"),
+        ShardNotFoundError,
+        ("model-00009-of-00009.safetensors", "Re-download"),
     ),
     "index entry ../x": Case(
         edit_index(lambda m: m.update({"model.norm.weight": "../x.safetensors"})),
-        IndexFileError, ("'../x.safetensors'", "model.norm.weight", "outside the model directory"),
+        IndexFileError,
+        ("'../x.safetensors'", "model.norm.weight", "outside the model directory"),
     ),
     "index entry absolute": Case(
         edit_index(lambda m: m.update({"lm_head.weight": "/etc/passwd"})),
-        IndexFileError, ("'/etc/passwd'", "lm_head.weight", "relative to the model directory"),
+        IndexFileError,
+        ("'/etc/passwd'", "lm_head.weight", "relative to the model directory"),
     ),
     "index entry URL": Case(
         edit_index(lambda m: m.update({"lm_head.weight": "https://evil.example/x.safetensors"})),
-        IndexFileError, ("https://evil.example/x.safetensors", "relative to the model directory"),
+        IndexFileError,
+        ("https://evil.example/x.safetensors", "relative to the model directory"),
     ),
-    "empty index": Case(mutate(INDEX, lambda b: b""), IndexFileError, (INDEX, "not valid JSON", "re-download")),
+    "empty index": Case(
+        mutate(INDEX, lambda b: b""), IndexFileError, (INDEX, "not valid JSON", "re-download")
+    ),
     "truncated shard": Case(
         mutate("zz/last.safetensors", lambda b: b[: len(b) - 100]),
-        HeaderError, ("zz/last.safetensors", "truncated", "re-download"),
+        HeaderError,
+        ("zz/last.safetensors", "truncated", "re-download"),
     ),
     "empty shard": Case(
-        mutate("weights-a.safetensors", lambda b: b""), HeaderError, ("weights-a.safetensors", "too short", "re-download"),
+        mutate("weights-a.safetensors", lambda b: b""),
+        HeaderError,
+        ("weights-a.safetensors", "too short", "re-download"),
     ),
     "header length past the end": Case(
-        raw_single({"t": F32}, b"\0" * 8, length=10_000), HeaderError, ("model.safetensors", "runs past the end", "re-download"),
+        raw_single({"t": F32}, b"\0" * 8, length=10_000),
+        HeaderError,
+        ("model.safetensors", "runs past the end", "re-download"),
     ),
     "header length 2**60": Case(
-        raw_single({"t": F32}, b"\0" * 8, length=2**60), HeaderError, ("model.safetensors", "exceeds", "re-download"),
+        raw_single({"t": F32}, b"\0" * 8, length=2**60),
+        HeaderError,
+        ("model.safetensors", "exceeds", "re-download"),
     ),
-    "header not JSON": Case(raw_single(b"{not json}"), HeaderError, ("model.safetensors", "not valid UTF-8 JSON", "re-download")),
-    "header not an object": Case(raw_single([1, 2, 3]), HeaderError, ("model.safetensors", "expected an object", "re-download")),
+    "header not JSON": Case(
+        raw_single(b"{not json}"),
+        HeaderError,
+        ("model.safetensors", "not valid UTF-8 JSON", "re-download"),
+    ),
+    "header not an object": Case(
+        raw_single([1, 2, 3]),
+        HeaderError,
+        ("model.safetensors", "expected an object", "re-download"),
+    ),
     "unknown dtype": Case(
-        raw_single({"t": {**F32, "dtype": "F12"}}, b"\0" * 8), HeaderError, ("model.safetensors", "'t'", "unknown dtype 'F12'", "upgrade or re-download"),
+        raw_single({"t": {**F32, "dtype": "F12"}}, b"\0" * 8),
+        HeaderError,
+        ("model.safetensors", "'t'", "unknown dtype 'F12'", "upgrade or re-download"),
     ),
     "data_offsets past the file": Case(
-        raw_single({"t": {**F32, "data_offsets": [0, 8]}}, b"\0" * 4), HeaderError, ("model.safetensors", "'t'", "past the 4 data bytes", "re-download"),
+        raw_single({"t": {**F32, "data_offsets": [0, 8]}}, b"\0" * 4),
+        HeaderError,
+        ("model.safetensors", "'t'", "past the 4 data bytes", "re-download"),
     ),
     "data_offsets overlapping": Case(
-        raw_single({"t": F32, "u": {**F32, "data_offsets": [4, 12]}}, b"\0" * 12), HeaderError, ("model.safetensors", "'t' and 'u' overlap", "re-download"),
+        raw_single({"t": F32, "u": {**F32, "data_offsets": [4, 12]}}, b"\0" * 12),
+        HeaderError,
+        ("model.safetensors", "'t' and 'u' overlap", "re-download"),
     ),
     "data_offsets not shape x dtype": Case(
-        raw_single({"t": {**F32, "shape": [3]}}, b"\0" * 8), HeaderError, ("model.safetensors", "'t'", "shape [3] of F32 needs 12", "re-download"),
+        raw_single({"t": {**F32, "shape": [3]}}, b"\0" * 8),
+        HeaderError,
+        ("model.safetensors", "'t'", "shape [3] of F32 needs 12", "re-download"),
     ),
-    "a decoder layer missing": Case(missing_layer, IncompleteLayerError, ("decoder layers 2 of model.layers.0..3", "re-download")),
-    "unfinished split": Case(unfinished_split, CheckpointNotFoundError, ("unfinished split", "rerun `rabbit-store split")),
+    "a decoder layer missing": Case(
+        missing_layer,
+        IncompleteLayerError,
+        ("decoder layers 2 of model.layers.0..3", "re-download"),
+    ),
+    "unfinished split": Case(
+        unfinished_split, CheckpointNotFoundError, ("unfinished split", "rerun `rabbit-store split")
+    ),
 }
 
 
@@ -197,7 +239,9 @@ def test_split_of_a_bad_checkpoint_creates_nothing(tmp_path: Path):
     assert snapshot(tmp_path) == before  # not even the destination directory
 
 
-def test_extra_tensors_in_a_shard_are_a_warning_not_an_error(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+def test_extra_tensors_in_a_shard_are_a_warning_not_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
     """A shard holding a tensor its index does not list: indexed without it, with a warning."""
     path = sharded(tmp_path / "extra")
     index = json.loads((path / INDEX).read_text())
@@ -206,5 +250,8 @@ def test_extra_tensors_in_a_shard_are_a_warning_not_an_error(tmp_path: Path, cap
     with caplog.at_level("WARNING", logger="rabbit_store"):
         loaded = CheckpointIndex.load(open_source(path))
     assert "model.layers.0.mlp.gate.qweight" not in loaded.tensors
-    assert any("model.layers.0.mlp.gate.qweight" in r.getMessage() and "ignored" in r.getMessage() for r in caplog.records)
+    assert any(
+        "model.layers.0.mlp.gate.qweight" in r.getMessage() and "ignored" in r.getMessage()
+        for r in caplog.records
+    )
     assert describe(path)["num_layers"] == 4

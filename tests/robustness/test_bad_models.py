@@ -56,7 +56,9 @@ def edit_weights(path: Path, change: Callable[[dict], None]) -> None:
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
 
 
-def refused(source: Path | str, tmp_path: Path, error: type[RabbitError], *says: str, **options) -> str:
+def refused(
+    source: Path | str, tmp_path: Path, error: type[RabbitError], *says: str, **options
+) -> str:
     before = snapshot(tmp_path)
     with pytest.raises(error) as err:
         AutoModel.from_pretrained(source, **options)
@@ -68,13 +70,27 @@ def refused(source: Path | str, tmp_path: Path, error: type[RabbitError], *says:
 
 
 def test_missing_path(isolated: Path):
-    refused(isolated / "nope", isolated, CheckpointNotFoundError, "nope", "is not a directory", "pass the directory")
+    refused(
+        isolated / "nope",
+        isolated,
+        CheckpointNotFoundError,
+        "nope",
+        "is not a directory",
+        "pass the directory",
+    )
 
 
 def test_directory_without_config(isolated: Path, tiny_llama: Path):
     path = copy_model(tiny_llama, isolated / "m")
     (path / "config.json").unlink()
-    refused(path, isolated, InvalidCheckpointError, str(path), "no config.json", "point at a model directory")
+    refused(
+        path,
+        isolated,
+        InvalidCheckpointError,
+        str(path),
+        "no config.json",
+        "point at a model directory",
+    )
 
 
 def test_empty_config(isolated: Path, tiny_llama: Path):
@@ -86,43 +102,80 @@ def test_empty_config(isolated: Path, tiny_llama: Path):
 def test_config_without_model_type_or_architectures(isolated: Path, tiny_llama: Path):
     path = copy_model(tiny_llama, isolated / "m")
     edit_config(path, model_type=None, architectures=None)
-    refused(path, isolated, InvalidCheckpointError, "config.json", "neither 'model_type' nor 'architectures'")
+    refused(
+        path,
+        isolated,
+        InvalidCheckpointError,
+        "config.json",
+        "neither 'model_type' nor 'architectures'",
+    )
 
 
 def test_unknown_architecture_lists_the_supported_ones(isolated: Path, tiny_llama: Path):
     path = copy_model(tiny_llama, isolated / "m")
     edit_config(path, model_type="mamba9000", architectures=["Mamba9000ForCausalLM"])
-    message = refused(path, isolated, UnsupportedModelError, "config.json", "'mamba9000'", "supported model types: ",
-                      "Upgrade transformers", "trust_remote_code=True")
+    message = refused(
+        path,
+        isolated,
+        UnsupportedModelError,
+        "config.json",
+        "'mamba9000'",
+        "supported model types: ",
+        "Upgrade transformers",
+        "trust_remote_code=True",
+    )
     assert ", llama," in message and ", qwen3," in message
 
 
-def test_architecture_without_a_causal_lm_lists_the_supported_ones(isolated: Path, tiny_llama: Path):
+def test_architecture_without_a_causal_lm_lists_the_supported_ones(
+    isolated: Path, tiny_llama: Path
+):
     path = copy_model(tiny_llama, isolated / "m")
     edit_config(path, model_type="vit", architectures=["ViTModel"])
-    message = refused(path, isolated, UnsupportedModelError, "model_type='vit'", "supported model types: ")
+    message = refused(
+        path, isolated, UnsupportedModelError, "model_type='vit'", "supported model types: "
+    )
     assert ", llama," in message
 
 
 def test_tensor_shape_not_what_the_config_implies(isolated: Path, tiny_llama: Path):
     path = copy_model(tiny_llama, isolated / "m")
     edit_config(path, intermediate_size=48)
-    message = refused(path, isolated, WeightMismatchError, "model.safetensors: tensor 'model.layers.0.mlp.",
-                      "but the config implies", "Is config.json the one this checkpoint was saved with?")
-    assert "[16, 32]" in message and "[16, 48]" in message  # down_proj: what is there, what the config wants
+    message = refused(
+        path,
+        isolated,
+        WeightMismatchError,
+        "model.safetensors: tensor 'model.layers.0.mlp.",
+        "but the config implies",
+        "Is config.json the one this checkpoint was saved with?",
+    )
+    assert (
+        "[16, 32]" in message and "[16, 48]" in message
+    )  # down_proj: what is there, what the config wants
 
 
 def test_layer_with_a_missing_tensor(isolated: Path, tiny_llama: Path):
     path = copy_model(tiny_llama, isolated / "m")
     edit_weights(path, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
-    refused(path, isolated, WeightMismatchError, "'model.layers.1.self_attn.k_proj.weight'", "layer 1", "incomplete")
+    refused(
+        path,
+        isolated,
+        WeightMismatchError,
+        "'model.layers.1.self_attn.k_proj.weight'",
+        "layer 1",
+        "incomplete",
+    )
 
 
-def test_extra_tensors_are_a_warning(isolated: Path, tiny_llama: Path, caplog: pytest.LogCaptureFixture):
+def test_extra_tensors_are_a_warning(
+    isolated: Path, tiny_llama: Path, caplog: pytest.LogCaptureFixture
+):
     import numpy as np
 
     path = copy_model(tiny_llama, isolated / "m")
-    edit_weights(path, lambda t: t.update({"model.layers.0.surprise.weight": np.ones(4, dtype=np.float32)}))
+    edit_weights(
+        path, lambda t: t.update({"model.layers.0.surprise.weight": np.ones(4, dtype=np.float32)})
+    )
     with caplog.at_level("WARNING"):
         model = AutoModel.from_pretrained(path)
     model.close()
@@ -163,23 +216,55 @@ def flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_flipped_data_byte_is_caught_with_verify(isolated: Path, split_llama: Path, tiny_llama: Path):
+def test_flipped_data_byte_is_caught_with_verify(
+    isolated: Path, split_llama: Path, tiny_llama: Path
+):
     flip(split_llama / "layer-00001.safetensors", -3)  # inside the last tensor's data
-    AutoModel.from_pretrained(split_llama).close()  # sizes and headers are fine: loads without verify
-    message = refused(split_llama, isolated, SplitCorruptedError, "layer-00001.safetensors", "sha256",
-                      "rabbit-store verify", verify=True)
+    AutoModel.from_pretrained(
+        split_llama
+    ).close()  # sizes and headers are fine: loads without verify
+    message = refused(
+        split_llama,
+        isolated,
+        SplitCorruptedError,
+        "layer-00001.safetensors",
+        "sha256",
+        "rabbit-store verify",
+        verify=True,
+    )
     assert "layer-00000" not in message
     # the same through layers_path (config from the original, weights from the split)
-    refused(tiny_llama, isolated, SplitCorruptedError, "layer-00001.safetensors", layers_path=split_llama, verify=True)
+    refused(
+        tiny_llama,
+        isolated,
+        SplitCorruptedError,
+        "layer-00001.safetensors",
+        layers_path=split_llama,
+        verify=True,
+    )
 
 
 @pytest.mark.parametrize("damage", ["header byte", "truncated"])
-def test_damaged_header_or_size_is_always_caught(isolated: Path, split_llama: Path, tiny_llama: Path, damage: str):
+def test_damaged_header_or_size_is_always_caught(
+    isolated: Path, split_llama: Path, tiny_llama: Path, damage: str
+):
     victim = split_llama / "layer-00000.safetensors"
     if damage == "header byte":
         header = victim.read_bytes()[:200]
         flip(victim, header.index(b'"pt"') + 2)  # "pt" -> "pu": still valid JSON, same tensors
     else:
         victim.write_bytes(victim.read_bytes()[:-1])
-    refused(split_llama, isolated, SplitCorruptedError, "layer-00000.safetensors", "split the checkpoint again")
-    refused(tiny_llama, isolated, SplitCorruptedError, "layer-00000.safetensors", layers_path=split_llama)
+    refused(
+        split_llama,
+        isolated,
+        SplitCorruptedError,
+        "layer-00000.safetensors",
+        "split the checkpoint again",
+    )
+    refused(
+        tiny_llama,
+        isolated,
+        SplitCorruptedError,
+        "layer-00000.safetensors",
+        layers_path=split_llama,
+    )

@@ -25,8 +25,13 @@ from fsspec.implementations.memory import MemoryFileSystem
 import rabbit_store.sources as sources
 from rabbit_store import CheckpointIndex, LayerPlan, LayerReader, open_source, split_checkpoint
 from rabbit_store.errors import AccessDeniedError, CheckpointNotFoundError, StorageError
-
-from tests.store.store_helpers import Checkpoint, model_tensors, odd_shards, upload, write_checkpoint
+from tests.store.store_helpers import (
+    Checkpoint,
+    model_tensors,
+    odd_shards,
+    upload,
+    write_checkpoint,
+)
 
 from .conftest import assert_one_line_error, cli_env, digests, snapshot, store_cli
 
@@ -92,9 +97,13 @@ class FlakyFS(MemoryFileSystem):
 
 
 @pytest.fixture
-def flaky(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[tuple[str, Checkpoint]]:
+def flaky(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[tuple[str, Checkpoint]]:
     fsspec.register_implementation("rabbitflaky", FlakyFS, clobber=True)
-    monkeypatch.setattr(sources, "RETRY_BASE_DELAY", 0.01)  # keep the test fast; the schedule is the same
+    monkeypatch.setattr(
+        sources, "RETRY_BASE_DELAY", 0.01
+    )  # keep the test fast; the schedule is the same
     tensors = model_tensors(num_layers=4)
     checkpoint = write_checkpoint(tmp_path / "src", tensors, odd_shards(tensors))
     root = f"/flaky-{abs(hash(request.node.nodeid))}"
@@ -106,11 +115,17 @@ def flaky(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.Fixtu
 
 
 def retry_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "retrying in" in r.getMessage()]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING" and "retrying in" in r.getMessage()
+    ]
 
 
 @pytest.mark.parametrize("kind", sorted(TRANSIENT))
-def test_transient_read_failures_are_retried_with_backoff(flaky, kind: str, caplog: pytest.LogCaptureFixture):
+def test_transient_read_failures_are_retried_with_backoff(
+    flaky, kind: str, caplog: pytest.LogCaptureFixture
+):
     url, checkpoint = flaky
     source = open_source(url)
     make = TRANSIENT[kind]
@@ -120,18 +135,28 @@ def test_transient_read_failures_are_retried_with_backoff(flaky, kind: str, capl
         plan = LayerPlan.from_index(index)
         FlakyFS.plan = [make(), make(), make()]  # and the layer read three times
         views = LayerReader(source, index).read(plan.layers[1])
-    assert {n: bytes(v) for n, v in views.items()} == {n: checkpoint.tensors[n].tobytes() for n in views}
+    assert {n: bytes(v) for n, v in views.items()} == {
+        n: checkpoint.tensors[n].tobytes() for n in views
+    }
     warned = retry_warnings(caplog)
     assert len(warned) == 5, warned
-    assert all(url in w and re.search(r"model\.safetensors\.index\.json|weights-a\.safetensors", w) for w in warned)
+    assert all(
+        url in w and re.search(r"model\.safetensors\.index\.json|weights-a\.safetensors", w)
+        for w in warned
+    )
     delays = [float(re.search(r"retrying in ([0-9.]+) s", w).group(1)) for w in warned]
     # exponential with jitter: retry k waits 0.01 * 2**(k-1) * [0.5, 1.5)
     for k, delay in zip([1, 2, 1, 2, 3], delays):
-        assert 0.005 * 2 ** (k - 1) - 0.0005 <= delay <= 0.015 * 2 ** (k - 1) + 0.0005, (k, delay)  # logged to 1 ms
+        assert 0.005 * 2 ** (k - 1) - 0.0005 <= delay <= 0.015 * 2 ** (k - 1) + 0.0005, (
+            k,
+            delay,
+        )  # logged to 1 ms
     assert "attempt 2 of 5" in warned[0] and "attempt 4 of 5" in warned[4]
 
 
-def test_a_split_from_a_flaky_store_is_identical(flaky, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+def test_a_split_from_a_flaky_store_is_identical(
+    flaky, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
     url, checkpoint = flaky
     split_checkpoint(checkpoint.path, tmp_path / "reference", progress=False)
     FlakyFS.every = 3  # every third read call resets the connection, all through the split
@@ -147,7 +172,10 @@ def test_a_persistent_failure_gives_up_and_names_the_file(flaky, caplog: pytest.
     url, _ = flaky
     source = open_source(url)
     index = CheckpointIndex.load(source)
-    FlakyFS.forever, FlakyFS.calls = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), 0
+    FlakyFS.forever, FlakyFS.calls = (
+        ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
+        0,
+    )
     with caplog.at_level("WARNING", logger="rabbit_store"), pytest.raises(StorageError) as err:
         LayerReader(source, index).read(LayerPlan.from_index(index).layers[3])
     assert FlakyFS.calls == sources.READ_ATTEMPTS == 5
@@ -159,16 +187,23 @@ def test_a_persistent_failure_gives_up_and_names_the_file(flaky, caplog: pytest.
 
 @pytest.mark.parametrize(
     ("error", "expected"),
-    [(PermissionError(errno.EACCES, "Access Denied"), AccessDeniedError),
-     (FileNotFoundError(errno.ENOENT, "NoSuchKey"), CheckpointNotFoundError),
-     (OSError(errno.EINVAL, "InvalidRange"), StorageError)],
+    [
+        (PermissionError(errno.EACCES, "Access Denied"), AccessDeniedError),
+        (FileNotFoundError(errno.ENOENT, "NoSuchKey"), CheckpointNotFoundError),
+        (OSError(errno.EINVAL, "InvalidRange"), StorageError),
+    ],
     ids=["access denied", "not found", "invalid"],
 )
-def test_permanent_failures_are_not_retried(flaky, error: Exception, expected: type, caplog: pytest.LogCaptureFixture):
+def test_permanent_failures_are_not_retried(
+    flaky, error: Exception, expected: type, caplog: pytest.LogCaptureFixture
+):
     url, _ = flaky
     source = open_source(url)
     FlakyFS.forever, FlakyFS.calls = error, 0
-    with caplog.at_level("WARNING", logger="rabbit_store"), pytest.raises(expected, match=r"model\.safetensors\.index\.json"):
+    with (
+        caplog.at_level("WARNING", logger="rabbit_store"),
+        pytest.raises(expected, match=r"model\.safetensors\.index\.json"),
+    ):
         CheckpointIndex.load(source)
     assert FlakyFS.calls == 1 and retry_warnings(caplog) == []
 
@@ -179,8 +214,13 @@ def test_s3_wrong_bucket(s3, sharded_small: Path):
     with pytest.raises(CheckpointNotFoundError) as err:
         open_source(url, storage_options=s3["options"])
     assert url in str(err.value) and "check the location" in str(err.value)
-    result = store_cli("inspect", url, "--storage-option", f"endpoint_url={s3['options']['endpoint_url']}",
-                       env=cli_env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing"))
+    result = store_cli(
+        "inspect",
+        url,
+        "--storage-option",
+        f"endpoint_url={s3['options']['endpoint_url']}",
+        env=cli_env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing"),
+    )
     assert_one_line_error(result, url, "no such directory")
 
 
@@ -197,9 +237,17 @@ def test_s3_without_credentials(s3_server: str, monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(AccessDeniedError) as err:
         open_source(url, storage_options={"endpoint_url": s3_server})
     message = str(err.value)
-    assert url in message and "no credentials" in message and "AWS_ACCESS_KEY_ID" in message and "anon=True" in message
-    env = cli_env(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"),
-                  AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    assert (
+        url in message
+        and "no credentials" in message
+        and "AWS_ACCESS_KEY_ID" in message
+        and "anon=True" in message
+    )
+    env = cli_env(
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+    )
     result = store_cli("inspect", url, "--storage-option", f"endpoint_url={s3_server}", env=env)
     assert_one_line_error(result, url, "no credentials")
     s3fs.S3FileSystem.clear_instance_cache()
@@ -226,7 +274,10 @@ class GatedHub:
                 self.send_response(401)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("X-Error-Code", "GatedRepo")
-                self.send_header("X-Error-Message", "Access to model rabbit-org/gated is restricted. You must have access to it and be authenticated to access it. Please log in.")
+                self.send_header(
+                    "X-Error-Message",
+                    "Access to model rabbit-org/gated is restricted. You must have access to it and be authenticated to access it. Please log in.",
+                )
                 self.send_header("X-Request-Id", "Root=1-rabbit-test")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -272,9 +323,18 @@ def test_gated_repo_without_a_token_says_how_to_pass_one(gated_hub: GatedHub, tm
     message = str(err.value)
     assert "rabbit-org/gated is gated" in message and "token=" in message and "HF_TOKEN" in message
     assert "accept its terms" in message
-    assert gated_hub.authorizations and gated_hub.authorizations[0] is None  # really asked, without a token
+    assert (
+        gated_hub.authorizations and gated_hub.authorizations[0] is None
+    )  # really asked, without a token
     assert snapshot(tmp_path) == before
-    result = store_cli("inspect", "rabbit-org/gated", env=cli_env(
-        HF_ENDPOINT=gated_hub.url, HF_HUB_OFFLINE="0", HF_HUB_CACHE=str(tmp_path / "hub-cache"),
-        HF_HOME=str(tmp_path / "hf-home")))
+    result = store_cli(
+        "inspect",
+        "rabbit-org/gated",
+        env=cli_env(
+            HF_ENDPOINT=gated_hub.url,
+            HF_HUB_OFFLINE="0",
+            HF_HUB_CACHE=str(tmp_path / "hub-cache"),
+            HF_HOME=str(tmp_path / "hf-home"),
+        ),
+    )
     assert_one_line_error(result, "rabbit-org/gated is gated", "--token", "HF_TOKEN")

@@ -19,8 +19,13 @@ import pytest
 from rabbit_store import CheckpointIndex, LayerPlan, open_source, split_checkpoint
 from rabbit_store.errors import RabbitError
 from rabbit_store.inspect import describe
-
-from tests.store.store_helpers import make_hub_cache, model_tensors, odd_shards, upload, write_checkpoint
+from tests.store.store_helpers import (
+    make_hub_cache,
+    model_tensors,
+    odd_shards,
+    upload,
+    write_checkpoint,
+)
 
 from .conftest import cli_env, finish, start_store_cli
 from .test_remote_faults import GatedHub
@@ -54,7 +59,10 @@ class Evidence:
 
     def cli(self, *runs: tuple[str, list[str], int], env: dict[str, str]) -> None:
         """`rabbit-store --debug -v ARGS` for each (name, args, expected exit status), all at once."""
-        procs = [(what, start_store_cli("--debug", "-v", *args, env=env), code) for what, args, code in runs]
+        procs = [
+            (what, start_store_cli("--debug", "-v", *args, env=env), code)
+            for what, args, code in runs
+        ]
         for what, proc, code in procs:
             result = finish(proc)
             assert result.returncode == code, (what, result.stderr[-2000:])
@@ -115,7 +123,9 @@ def test_hub_token_stays_secret(hub_cache: Path, tmp_path: Path, evidence: Evide
     evidence.assert_clean(TOKEN)
 
 
-def test_hub_token_sent_to_the_hub_but_not_shown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, evidence: Evidence):
+def test_hub_token_sent_to_the_hub_but_not_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, evidence: Evidence
+):
     from huggingface_hub import constants
 
     with GatedHub() as hub:
@@ -132,13 +142,21 @@ def test_hub_token_sent_to_the_hub_but_not_shown(tmp_path: Path, monkeypatch: py
         with pytest.raises(RabbitError) as err:
             AutoModel.from_pretrained("rabbit-org/gated", token=TOKEN)
         evidence.error("AutoModel gated", err.value)
-        evidence.cli(("gated", ["inspect", "rabbit-org/gated", "--token", TOKEN], 2), env=cli_env(
-            HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_CACHE=str(tmp_path / "hub-cache")))
-    assert hub.authorizations.count(f"Bearer {TOKEN}") == 3  # the token did go to the hub, each time
+        evidence.cli(
+            ("gated", ["inspect", "rabbit-org/gated", "--token", TOKEN], 2),
+            env=cli_env(
+                HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_CACHE=str(tmp_path / "hub-cache")
+            ),
+        )
+    assert (
+        hub.authorizations.count(f"Bearer {TOKEN}") == 3
+    )  # the token did go to the hub, each time
     evidence.assert_clean(TOKEN)
 
 
-def test_automodel_from_a_hub_cache_with_a_token(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, evidence: Evidence):
+def test_automodel_from_a_hub_cache_with_a_token(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, evidence: Evidence
+):
     from huggingface_hub import constants
 
     from rabbitllm import AutoModel
@@ -171,7 +189,9 @@ def test_s3_secret_key_stays_secret(s3, tmp_path: Path, evidence: Evidence):
     evidence.add("source repr", source)
     evidence.add("index repr", index)
     evidence.add("describe", json.dumps(describe(url, storage_options=options)))
-    manifest = split_checkpoint(checkpoint.path, f"{url}-split", dest_storage_options=options, progress=False)
+    manifest = split_checkpoint(
+        checkpoint.path, f"{url}-split", dest_storage_options=options, progress=False
+    )
     evidence.add("manifest", manifest)
     evidence.add("s3 manifest", s3["fs"].cat_file(f"{url}-split/rabbit-split.json").decode())
     with pytest.raises(RabbitError) as err:
@@ -179,8 +199,14 @@ def test_s3_secret_key_stays_secret(s3, tmp_path: Path, evidence: Evidence):
     evidence.error("missing prefix", err.value)
 
     env = cli_env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
-    so = ["--storage-option", f"endpoint_url={options['endpoint_url']}", "--storage-option", "key=testing",
-          "--storage-option", f"secret={S3_SECRET}"]
+    so = [
+        "--storage-option",
+        f"endpoint_url={options['endpoint_url']}",
+        "--storage-option",
+        "key=testing",
+        "--storage-option",
+        f"secret={S3_SECRET}",
+    ]
     evidence.cli(
         ("inspect", ["inspect", url, *so], 0),
         ("split", ["split", url, str(tmp_path / "cli-split"), *so], 0),

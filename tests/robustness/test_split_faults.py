@@ -20,12 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from rabbit_store import CheckpointIndex, open_source, split_checkpoint, verify_split
 from rabbit_store.errors import SplitCorruptedError, StorageError
 from rabbit_store.manifest import MANIFEST_FILE, PARTIAL_MANIFEST_FILE
-
 from tests.store.store_helpers import model_tensors, odd_shards, write_checkpoint
 
 from .conftest import assert_one_line_error, cli_env, digests, finish, start_store_cli, store_cli
@@ -44,12 +42,14 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tensors = {"model.embed_tokens.weight": f16(4096, 1024)}
     for i in range(NUM_LAYERS):
         p = f"model.layers.{i}"
-        tensors.update({
-            f"{p}.input_layernorm.weight": rng.standard_normal(1024).astype(np.float32),
-            f"{p}.self_attn.q_proj.weight": f16(1024, 1024),
-            f"{p}.mlp.up_proj.weight": f16(2048, 1024),
-            f"{p}.mlp.down_proj.weight": f16(1024, 2048),
-        })
+        tensors.update(
+            {
+                f"{p}.input_layernorm.weight": rng.standard_normal(1024).astype(np.float32),
+                f"{p}.self_attn.q_proj.weight": f16(1024, 1024),
+                f"{p}.mlp.up_proj.weight": f16(2048, 1024),
+                f"{p}.mlp.down_proj.weight": f16(1024, 2048),
+            }
+        )
     tensors["model.norm.weight"] = rng.standard_normal(1024).astype(np.float32)
     tensors["lm_head.weight"] = f16(4096, 1024)
     path = tmp_path_factory.mktemp("big") / "model"
@@ -77,7 +77,11 @@ def reference(big: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict
 
 
 def leftovers(dest: Path) -> list[str]:
-    return sorted(p.name for p in dest.iterdir() if p.name.endswith(".incomplete")) if dest.exists() else []
+    return (
+        sorted(p.name for p in dest.iterdir() if p.name.endswith(".incomplete"))
+        if dest.exists()
+        else []
+    )
 
 
 def recorded(dest: Path) -> int:
@@ -93,8 +97,10 @@ def on_disk(dest: Path) -> str:
         return "nothing"
     names = {p.name for p in dest.iterdir()}
     layers = sum(n.startswith("layer-") and n.endswith(".safetensors") for n in names)
-    return (f"recorded={recorded(dest)} layers={layers} temps={len(leftovers(dest))} "
-            f"index={'model.safetensors.index.json' in names} manifest={MANIFEST_FILE in names}")
+    return (
+        f"recorded={recorded(dest)} layers={layers} temps={len(leftovers(dest))} "
+        f"index={'model.safetensors.index.json' in names} manifest={MANIFEST_FILE in names}"
+    )
 
 
 def kill_when(proc: subprocess.Popen[str], ready: Callable[[], bool], timeout: float = 60) -> bool:
@@ -148,7 +154,9 @@ def moments(dest: Path, split_time: float) -> Iterator[tuple[str, Callable[[], b
 
 
 @pytest.mark.slow
-def test_sigkill_at_spread_moments_then_rerun_is_byte_identical(big: Path, reference, tmp_path: Path):
+def test_sigkill_at_spread_moments_then_rerun_is_byte_identical(
+    big: Path, reference, tmp_path: Path
+):
     expected, split_time = reference
     killed: dict[str, str] = {}
     for i, (moment, ready) in enumerate(moments(tmp_path / "d", split_time)):
@@ -160,7 +168,10 @@ def test_sigkill_at_spread_moments_then_rerun_is_byte_identical(big: Path, refer
             killed[moment] = on_disk(dest)  # (a kill after the manifest interrupted nothing)
         if i % 3 == 1:  # kill the resume too, half way through a fresh run's time
             again = start_store_cli("split", str(big), str(dest), "--quiet")
-            kill_when(again, next(m for name, m in moments(dest, split_time) if name == "25% of the split"))
+            kill_when(
+                again,
+                next(m for name, m in moments(dest, split_time) if name == "25% of the split"),
+            )
         split_checkpoint(big, dest, progress=False)  # the rerun completes...
         assert digests(dest) == expected, moment  # ...byte-identical, manifest and index included
         assert leftovers(dest) == [] and not (dest / PARTIAL_MANIFEST_FILE).exists()
@@ -187,13 +198,20 @@ def test_two_processes_split_into_one_destination(big: Path, reference, tmp_path
     moment the first is seen writing a file (so the first holds the lock): it waits for the lock,
     then finds the work done. Both succeed; the result is the uninterrupted split."""
     expected, _ = reference
-    for attempt in range(3):  # a loaded machine may stall the second past the first's end: race again
+    for attempt in range(
+        3
+    ):  # a loaded machine may stall the second past the first's end: race again
         dest = tmp_path / f"dest-{attempt}"
         args = ["--debug", "split", str(big), str(dest), "--quiet"]
         signals = [str(tmp_path / f"go-{attempt}"), str(dest / ".*.incomplete")]
         procs = [
-            subprocess.Popen([sys.executable, "-c", RACER, signal_, *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=cli_env())
+            subprocess.Popen(
+                [sys.executable, "-c", RACER, signal_, *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=cli_env(),
+            )
             for signal_ in signals
         ]
         time.sleep(0.5)
@@ -213,7 +231,11 @@ def test_two_processes_split_into_one_destination(big: Path, reference, tmp_path
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "tmpfs"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); see the RLIMIT_FSIZE test")
     try:
@@ -222,7 +244,9 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_full_disk_is_a_clear_error_and_leaves_no_temporaries(big: Path, reference, small_tmpfs: Path):
+def test_full_disk_is_a_clear_error_and_leaves_no_temporaries(
+    big: Path, reference, small_tmpfs: Path
+):
     dest = small_tmpfs / "split"
     with pytest.raises(StorageError) as err:
         split_checkpoint(big, dest, progress=False)
@@ -250,8 +274,14 @@ def test_file_size_limit_is_a_clear_error(big: Path, tmp_path: Path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
 
     dest = tmp_path / "dest"
-    done = subprocess.run([sys.executable, "-m", "rabbit_store.cli", "split", str(big), str(dest), "--quiet"],
-                          capture_output=True, text=True, env=cli_env(), preexec_fn=limit, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "rabbit_store.cli", "split", str(big), str(dest), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        preexec_fn=limit,
+        timeout=120,
+    )
     assert_one_line_error(done, str(dest), "no space left", "File too large")
     assert leftovers(dest) == [] and not (dest / MANIFEST_FILE).exists()
 
@@ -275,21 +305,30 @@ def test_flipped_data_byte_found_by_verify_and_by_checksums(small_split: Path):
     flip(small_split / "layer-00002.safetensors", -1)
     result = store_cli("verify", str(small_split))
     assert result.returncode == 1
-    assert "CORRUPTED layer-00002.safetensors: sha256" in result.stderr and "layer-00001" not in result.stderr
+    assert (
+        "CORRUPTED layer-00002.safetensors: sha256" in result.stderr
+        and "layer-00001" not in result.stderr
+    )
     CheckpointIndex.load(open_source(small_split))  # sizes and headers intact: only sha256 can tell
     with pytest.raises(SplitCorruptedError) as err:
         CheckpointIndex.load(open_source(small_split), verify_checksums=True)
-    assert err.value.files == ["layer-00002.safetensors"] and "layer-00002.safetensors: sha256" in str(err.value)
+    assert err.value.files == [
+        "layer-00002.safetensors"
+    ] and "layer-00002.safetensors: sha256" in str(err.value)
 
 
-@pytest.mark.parametrize("damage", ["header JSON", "header metadata", "length prefix", "truncated", "grown"])
+@pytest.mark.parametrize(
+    "damage", ["header JSON", "header metadata", "length prefix", "truncated", "grown"]
+)
 def test_damaged_header_or_size_refused_at_every_load(small_split: Path, damage: str):
     victim = small_split / "layer-00001.safetensors"
     data = victim.read_bytes()
     if damage == "header JSON":
         flip(victim, 8)  # '{' -> 'z'
     elif damage == "header metadata":
-        flip(victim, data.index(b'"pt"') + 2)  # still valid JSON, same tensors: only the digest knows
+        flip(
+            victim, data.index(b'"pt"') + 2
+        )  # still valid JSON, same tensors: only the digest knows
     elif damage == "length prefix":
         flip(victim, 0)
     elif damage == "truncated":
@@ -298,8 +337,12 @@ def test_damaged_header_or_size_refused_at_every_load(small_split: Path, damage:
         victim.write_bytes(data + b"\0")
     with pytest.raises(SplitCorruptedError, match="layer-00001.safetensors") as err:
         CheckpointIndex.load(open_source(small_split))
-    assert err.value.files == ["layer-00001.safetensors"] and "split the checkpoint again" in str(err.value)
-    assert_one_line_error(store_cli("inspect", str(small_split)), "layer-00001.safetensors", "corrupted")
+    assert err.value.files == ["layer-00001.safetensors"] and "split the checkpoint again" in str(
+        err.value
+    )
+    assert_one_line_error(
+        store_cli("inspect", str(small_split)), "layer-00001.safetensors", "corrupted"
+    )
     checked = store_cli("verify", str(small_split), "--no-hash")
     assert checked.returncode == 1 and "CORRUPTED layer-00001.safetensors" in checked.stderr
 

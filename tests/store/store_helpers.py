@@ -23,14 +23,18 @@ def layer_tensors(prefix: str, i: int, rng: np.random.Generator) -> dict[str, np
     return {
         f"{p}.input_layernorm.weight": rng.standard_normal(HIDDEN).astype(np.float32),
         f"{p}.self_attn.q_proj.weight": rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float16),
-        f"{p}.self_attn.k_proj.weight": rng.standard_normal((HIDDEN // 2, HIDDEN)).astype(np.float16),
+        f"{p}.self_attn.k_proj.weight": rng.standard_normal((HIDDEN // 2, HIDDEN)).astype(
+            np.float16
+        ),
         f"{p}.self_attn.o_proj.bias": rng.standard_normal(3).astype(np.float16),  # odd byte count
         f"{p}.mlp.down_proj.weight": rng.standard_normal((HIDDEN, 2 * HIDDEN)).astype(np.float32),
         f"{p}.mlp.gate.qweight": rng.integers(-100, 100, (5, 3), dtype=np.int8),
     }
 
 
-def model_tensors(layout: str = "llama", num_layers: int = 3, tied: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
+def model_tensors(
+    layout: str = "llama", num_layers: int = 3, tied: bool = False, seed: int = 0
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     if layout == "llama":
         prefix, embed, norm = "model.layers", "model.embed_tokens.weight", "model.norm.weight"
@@ -74,10 +78,15 @@ def write_checkpoint(
             (path / file).parent.mkdir(parents=True, exist_ok=True)
             save_file({n: tensors[n] for n in names}, str(path / file), metadata={"format": "pt"})
         weight_map = {n: f for f, names in shards.items() for n in names}
-        index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
+        index = {
+            "metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
+            "weight_map": weight_map,
+        }
         (path / "model.safetensors.index.json").write_text(json.dumps(index))
     if config:
-        (path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 3}))
+        (path / "config.json").write_text(
+            json.dumps({"model_type": "llama", "num_hidden_layers": 3})
+        )
         (path / "tokenizer_config.json").write_text("{}")
         (path / "README.md").write_text("not copied by split\n")
     return Checkpoint(path, tensors, shards)
@@ -86,10 +95,16 @@ def write_checkpoint(
 def odd_shards(tensors: dict[str, np.ndarray]) -> dict[str, list[str]]:
     """Odd shard names; layer 1's tensors spread over the first and last shard, not consecutive."""
     names = list(tensors)
-    shards: dict[str, list[str]] = {"weights-a.safetensors": [], "part_7.bin.safetensors": [], "zz/last.safetensors": []}
+    shards: dict[str, list[str]] = {
+        "weights-a.safetensors": [],
+        "part_7.bin.safetensors": [],
+        "zz/last.safetensors": [],
+    }
     for name in names:
         if ".1." in name:
-            shards["weights-a.safetensors" if "attn" in name else "zz/last.safetensors"].append(name)
+            shards["weights-a.safetensors" if "attn" in name else "zz/last.safetensors"].append(
+                name
+            )
         elif ".2." in name or "norm.weight" in name or "lm_head" in name:
             shards["zz/last.safetensors"].append(name)
         elif ".0." in name or "embed" in name:
@@ -112,7 +127,9 @@ def upload(fs, local: Path, url: str) -> None:
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def make_hub_cache(cache: Path, repo_id: str, checkpoint: Path, commit: str = COMMIT, ref: str = "main") -> Path:
+def make_hub_cache(
+    cache: Path, repo_id: str, checkpoint: Path, commit: str = COMMIT, ref: str = "main"
+) -> Path:
     """Lay `checkpoint` out as huggingface_hub does: blobs/<sha256>, snapshots/<commit>/<file>
     symlinks, refs/<ref>. Returns the snapshot folder."""
     repo_dir = cache / ("models--" + repo_id.replace("/", "--"))

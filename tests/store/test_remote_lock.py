@@ -62,19 +62,25 @@ def test_heartbeats_keep_a_live_lock_from_going_stale(s3):
 
 
 def test_a_killed_holders_lock_is_taken_over(s3, caplog: pytest.LogCaptureFixture):
-    s3["fs"].pipe_file(f"{s3['bucket']}/dest/{LOCK_FILE}",
-                       json.dumps({"token": "dead", "host": "gone", "pid": 1, "beat": 1, "time": 0}).encode())
+    s3["fs"].pipe_file(
+        f"{s3['bucket']}/dest/{LOCK_FILE}",
+        json.dumps({"token": "dead", "host": "gone", "pid": 1, "beat": 1, "time": 0}).encode(),
+    )
     lock = _lock(s3, poll=0.05, stale_after=0.3)
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="rabbit_store.remote_lock"):
         assert lock.acquire()
-    assert time.monotonic() - started >= 0.3, "taken over before it had been unchanged for stale_after"
+    assert time.monotonic() - started >= 0.3, (
+        "taken over before it had been unchanged for stale_after"
+    )
     assert "taking over a stale split lock" in caplog.text and "gone" in caplog.text
     assert json.loads(s3["fs"].cat_file(lock.path))["token"] == lock.token
     lock.release()
 
 
-def test_split_into_s3_waits_for_the_lock_holder(s3, sharded: Checkpoint, caplog: pytest.LogCaptureFixture):
+def test_split_into_s3_waits_for_the_lock_holder(
+    s3, sharded: Checkpoint, caplog: pytest.LogCaptureFixture
+):
     """While another process holds the destination's lock, a split into it writes nothing; once the
     lock is released it runs to a whole, verified split and leaves no lock object behind."""
     dest = f"s3://{s3['bucket']}/dest"
@@ -84,7 +90,9 @@ def test_split_into_s3_waits_for_the_lock_holder(s3, sharded: Checkpoint, caplog
 
     def run():
         try:
-            split_checkpoint(str(sharded.path), dest, dest_storage_options=s3["options"], progress=False)
+            split_checkpoint(
+                str(sharded.path), dest, dest_storage_options=s3["options"], progress=False
+            )
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 

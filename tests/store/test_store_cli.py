@@ -18,7 +18,10 @@ from .store_helpers import Checkpoint
 
 def rabbit_store(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "rabbit_store.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "rabbit_store.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -26,7 +29,9 @@ def test_inspect_split_verify_end_to_end(sharded: Checkpoint, tmp_path: Path):
     shown = rabbit_store("inspect", str(sharded.path))
     assert shown.returncode == 0, shown.stderr
     assert "layers: 4 under 'model.layers'; tied head: no" in shown.stdout
-    assert "layer 1:" in shown.stdout and "weights-a.safetensors, zz/last.safetensors" in shown.stdout
+    assert (
+        "layer 1:" in shown.stdout and "weights-a.safetensors, zz/last.safetensors" in shown.stdout
+    )
 
     as_json = json.loads(rabbit_store("inspect", str(sharded.path), "--json").stdout)
     assert as_json["num_layers"] == 4 and as_json["tied"] is False
@@ -62,7 +67,9 @@ def test_user_errors_exit_2_with_one_line(tmp_path: Path):
     assert bad_option.returncode == 2 and "key=value" in bad_option.stderr
 
 
-def test_split_progress_and_summary(single: Checkpoint, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_split_progress_and_summary(
+    single: Checkpoint, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
     assert main(["split", str(single.path), str(tmp_path / "out")]) == 0
     captured = capsys.readouterr()
     assert "3 layers" in captured.out and "split" in captured.err  # tqdm bar on stderr
@@ -70,7 +77,9 @@ def test_split_progress_and_summary(single: Checkpoint, tmp_path: Path, capsys: 
 
 def test_storage_options_parsing():
     assert parse_storage_options(None) is None
-    assert parse_storage_options(["endpoint_url=http://h:9000", "anon=true", "client_kwargs.region_name=eu", "n=3"]) == {
+    assert parse_storage_options(
+        ["endpoint_url=http://h:9000", "anon=true", "client_kwargs.region_name=eu", "n=3"]
+    ) == {
         "endpoint_url": "http://h:9000",
         "anon": True,
         "client_kwargs": {"region_name": "eu"},
@@ -84,4 +93,8 @@ def test_subcommands_mount_on_another_parser():
     parser = argparse.ArgumentParser(prog="rabbit")
     add_subcommands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["split", "a", "b", "--delete-original", "--storage-option", "k=v"])
-    assert args.func.__name__ == "cmd_split" and args.delete_original and args.storage_option == ["k=v"]
+    assert (
+        args.func.__name__ == "cmd_split"
+        and args.delete_original
+        and args.storage_option == ["k=v"]
+    )

@@ -20,7 +20,12 @@ from safetensors.numpy import save
 
 from rabbit_store import CheckpointIndex, FsspecSource
 from rabbit_store.errors import HeaderError, InvalidCheckpointError
-from rabbit_store.safetensors_header import LENGTH_BYTES, MAX_HEADER_BYTES, parse_header, parse_length
+from rabbit_store.safetensors_header import (
+    LENGTH_BYTES,
+    MAX_HEADER_BYTES,
+    parse_header,
+    parse_length,
+)
 
 FUZZ = settings(max_examples=250, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 
@@ -39,7 +44,9 @@ VALID_HEADER = json.loads(VALID[8 : 8 + VALID_LENGTH])
 def parse(blob: bytes):
     """What CheckpointIndex does per file: bounded length, then the header; checks the result."""
     length = parse_length(blob[:LENGTH_BYTES], file="f.safetensors", file_size=len(blob))
-    infos, metadata = parse_header(blob[LENGTH_BYTES : LENGTH_BYTES + length], file="f.safetensors", file_size=len(blob))
+    infos, metadata = parse_header(
+        blob[LENGTH_BYTES : LENGTH_BYTES + length], file="f.safetensors", file_size=len(blob)
+    )
     data_start = LENGTH_BYTES + length
     for info in infos.values():  # whatever is accepted lies inside the data section
         assert data_start <= info.offset <= info.end <= len(blob)
@@ -56,7 +63,9 @@ def only_header_errors(blob: bytes) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -93,7 +102,13 @@ def test_byte_mutations_of_a_valid_file(data):
         elif kind == "delete":
             del blob[at : at + data.draw(st.integers(1, 16))]
         else:
-            blob[:8] = struct.pack("<Q", data.draw(st.sampled_from([0, 1, 2**60, 2**64 - 1, MAX_HEADER_BYTES + 1]) | st.integers(0, 2**64 - 1)))
+            blob[:8] = struct.pack(
+                "<Q",
+                data.draw(
+                    st.sampled_from([0, 1, 2**60, 2**64 - 1, MAX_HEADER_BYTES + 1])
+                    | st.integers(0, 2**64 - 1)
+                ),
+            )
     only_header_errors(bytes(blob))
 
 
@@ -172,7 +187,11 @@ def test_index_reads_stay_inside_the_file(prefix: int, rest: bytes):
 def test_a_header_claiming_2_to_the_60_bytes_is_refused_after_reading_8():
     blob = struct.pack("<Q", 2**60) + b'{"t": {}}'
     fs, error = load_recorded(blob, "/huge-claim")
-    assert isinstance(error, HeaderError) and "model.safetensors" in str(error) and "exceeds" in str(error)
+    assert (
+        isinstance(error, HeaderError)
+        and "model.safetensors" in str(error)
+        and "exceeds" in str(error)
+    )
     assert [(s, e) for _, s, e in fs.ranges] == [(0, 8)]  # the length prefix only; no header read
 
 
@@ -180,11 +199,20 @@ def test_a_header_claiming_2_to_the_60_bytes_is_refused_after_reading_8():
     ("body", "message"),
     [
         (b"[" * 200_000, "not valid UTF-8 JSON"),  # RecursionError inside json: still a HeaderError
-        (b'{"t": {"dtype": [1], "shape": [1], "data_offsets": [0, 1]}}', "unknown dtype"),  # unhashable
+        (
+            b'{"t": {"dtype": [1], "shape": [1], "data_offsets": [0, 1]}}',
+            "unknown dtype",
+        ),  # unhashable
         (b'{"t": {"dtype": {"a": 1}, "shape": [1], "data_offsets": [0, 1]}}', "unknown dtype"),
-        (b'{"__metadata__": [], "t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}', "__metadata__"),
+        (
+            b'{"__metadata__": [], "t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}',
+            "__metadata__",
+        ),
         (b'{"t": {"dtype": "U8", "shape": [1e400], "data_offsets": [0, 1]}}', "shape"),
-        (b'{"t": {"dtype": "U8", "shape": [1], "data_offsets": [0, ' + b"9" * 5000 + b"]}}", "not valid UTF-8 JSON"),
+        (
+            b'{"t": {"dtype": "U8", "shape": [1], "data_offsets": [0, ' + b"9" * 5000 + b"]}}",
+            "not valid UTF-8 JSON",
+        ),
     ],
 )
 def test_hostile_headers_found_by_fuzzing(body: bytes, message: str):
@@ -193,7 +221,9 @@ def test_hostile_headers_found_by_fuzzing(body: bytes, message: str):
 
 
 def test_a_shape_of_a_million_huge_dimensions_is_refused_quickly():
-    body = json.dumps({"t": {"dtype": "F32", "shape": [2**62] * 300_000, "data_offsets": [0, 4]}}).encode()
+    body = json.dumps(
+        {"t": {"dtype": "F32", "shape": [2**62] * 300_000, "data_offsets": [0, 4]}}
+    ).encode()
     started = time.monotonic()
     with pytest.raises(HeaderError, match=r"needs more than 2\*\*64") as err:
         parse(struct.pack("<Q", len(body)) + body + b"\0" * 4)

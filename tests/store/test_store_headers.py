@@ -64,11 +64,26 @@ def test_error_hierarchy():
         (raw_file("x"), "expected an object"),
         (struct.pack("<Q", 3) + b"{x}", "not valid UTF-8 JSON"),
         (struct.pack("<Q", 2) + b"\xff\xfe", "not valid UTF-8 JSON"),
-        (raw_file({"t": {"dtype": "F17", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "unknown dtype 'F17'"),
-        (raw_file({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "shape [-1]"),
-        (raw_file({"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4), "0 <= begin <= end"),
-        (raw_file({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4), "past the 4 data bytes"),
-        (raw_file({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), "shape [2] of F32 needs 8"),
+        (
+            raw_file({"t": {"dtype": "F17", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+            "unknown dtype 'F17'",
+        ),
+        (
+            raw_file({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4),
+            "shape [-1]",
+        ),
+        (
+            raw_file({"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4),
+            "0 <= begin <= end",
+        ),
+        (
+            raw_file({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4),
+            "past the 4 data bytes",
+        ),
+        (
+            raw_file({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4),
+            "shape [2] of F32 needs 8",
+        ),
         (
             raw_file(
                 {
@@ -124,9 +139,16 @@ def test_built_headers_load_in_safetensors(spec, tmp_path_factory):
         .reshape(shape)
         for name, (dtype, shape) in spec.items()
     }
-    dtype_names = {np.float32: "F32", np.float16: "F16", np.int8: "I8", np.int64: "I64", np.uint8: "U8"}
+    dtype_names = {
+        np.float32: "F32",
+        np.float16: "F16",
+        np.int8: "I8",
+        np.int64: "I64",
+        np.uint8: "U8",
+    }
     infos = [
-        TensorInfo(name, "src", dtype_names[spec[name][0]], tuple(a.shape), 0, a.nbytes) for name, a in arrays.items()
+        TensorInfo(name, "src", dtype_names[spec[name][0]], tuple(a.shape), 0, a.nbytes)
+        for name, a in arrays.items()
     ]
     header = build_header(infos, {"format": "pt"})
     assert (len(header) - 8) % 8 == 0

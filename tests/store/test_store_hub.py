@@ -34,8 +34,12 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-@pytest.mark.parametrize("location", [REPO, f"hf://{REPO}", f"hf://{REPO}@main", f"hf://{REPO}@{COMMIT}"])
-def test_offline_from_the_hub_cache(hub_cache: Path, offline: None, sharded: Checkpoint, location: str):
+@pytest.mark.parametrize(
+    "location", [REPO, f"hf://{REPO}", f"hf://{REPO}@main", f"hf://{REPO}@{COMMIT}"]
+)
+def test_offline_from_the_hub_cache(
+    hub_cache: Path, offline: None, sharded: Checkpoint, location: str
+):
     source = open_source(location)
     assert isinstance(source, HubCacheSource)
     assert source.location == f"hf://{REPO}@{COMMIT}"
@@ -44,10 +48,14 @@ def test_offline_from_the_hub_cache(hub_cache: Path, offline: None, sharded: Che
     index = CheckpointIndex.load(source)
     plan = LayerPlan.from_index(index)
     views = LayerReader(source, index).read(plan.layers[1])
-    assert {n: bytes(v) for n, v in views.items()} == {n: sharded.tensors[n].tobytes() for n in views}
+    assert {n: bytes(v) for n, v in views.items()} == {
+        n: sharded.tensors[n].tobytes() for n in views
+    }
 
 
-def test_offline_explicit_revision_and_cache_dir(tmp_path: Path, sharded: Checkpoint, offline: None):
+def test_offline_explicit_revision_and_cache_dir(
+    tmp_path: Path, sharded: Checkpoint, offline: None
+):
     cache = tmp_path / "other-cache"
     make_hub_cache(cache, REPO, sharded.path, ref="v1.0")
     source = open_source(REPO, revision="v1.0", cache_dir=str(cache))
@@ -70,7 +78,9 @@ def test_offline_missing_shard_is_named(hub_cache: Path, offline: None):
         CheckpointIndex.load(open_source(REPO))
 
 
-def test_incomplete_cached_snapshot_is_still_used(hub_cache: Path, offline: None, monkeypatch: pytest.MonkeyPatch):
+def test_incomplete_cached_snapshot_is_still_used(
+    hub_cache: Path, offline: None, monkeypatch: pytest.MonkeyPatch
+):
     snapshot = next(hub_cache.rglob("snapshots/*"))
     incomplete = getattr(huggingface_hub.errors, "IncompleteSnapshotError", None)
     if incomplete is None:
@@ -107,7 +117,12 @@ class FakeHub:
     def repo_info(self, api, repo_id, revision=None, files_metadata=False, **kwargs):
         self.tokens.append(api.token)
         files = [p for p in self.checkpoint.rglob("*") if p.is_file()]
-        siblings = [SimpleNamespace(rfilename=p.relative_to(self.checkpoint).as_posix(), size=p.stat().st_size) for p in files]
+        siblings = [
+            SimpleNamespace(
+                rfilename=p.relative_to(self.checkpoint).as_posix(), size=p.stat().st_size
+            )
+            for p in files
+        ]
         return SimpleNamespace(sha=COMMIT, siblings=siblings)
 
     def hf_hub_download(self, repo_id, filename, *, revision, token, cache_dir):
@@ -142,7 +157,9 @@ def online(tmp_path: Path, sharded: Checkpoint, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     fake = FakeHub(sharded.path, tmp_path / "online-cache")
-    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda self, *a, **k: fake.repo_info(self, *a, **k))
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "repo_info", lambda self, *a, **k: fake.repo_info(self, *a, **k)
+    )
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake.hf_hub_download)
     monkeypatch.setattr(huggingface_hub, "HfFileSystem", fake.filesystem)
     return fake
@@ -150,7 +167,11 @@ def online(tmp_path: Path, sharded: Checkpoint, monkeypatch: pytest.MonkeyPatch)
 
 def test_online_downloads_lazily_per_file(online: FakeHub, sharded: Checkpoint, tmp_path: Path):
     source = open_source(f"hf://{REPO}", token="hf_secret_token", cache_dir=str(online.cache))
-    assert isinstance(source, HubSource) and "hf_secret" not in source.location and "hf_secret" not in repr(source)
+    assert (
+        isinstance(source, HubSource)
+        and "hf_secret" not in source.location
+        and "hf_secret" not in repr(source)
+    )
     assert online.tokens == ["hf_secret_token"]
     index = CheckpointIndex.load(source)
     assert online.downloads == ["model.safetensors.index.json"]  # shard headers by range reads
@@ -158,7 +179,9 @@ def test_online_downloads_lazily_per_file(online: FakeHub, sharded: Checkpoint, 
     plan = LayerPlan.from_index(index)
     reader = LayerReader(source, index)
     views = reader.read(plan.layers[0])  # layer 0: weights-a + zz/last
-    assert {n: bytes(v) for n, v in views.items()} == {n: sharded.tensors[n].tobytes() for n in views}
+    assert {n: bytes(v) for n, v in views.items()} == {
+        n: sharded.tensors[n].tobytes() for n in views
+    }
     assert online.downloads[1:] == ["weights-a.safetensors", "zz/last.safetensors"]
     path = source.local_path("weights-a.safetensors")
     assert path.startswith(str(online.cache)) and "snapshots" in path
@@ -171,7 +194,9 @@ def test_online_downloads_lazily_per_file(online: FakeHub, sharded: Checkpoint, 
 
     manifest = split_checkpoint(source, tmp_path / "split", progress=False, delete_original=True)
     got = tensors_of(tmp_path / "split")
-    assert {n: a.tobytes() for n, a in got.items()} == {n: a.tobytes() for n, a in sharded.tensors.items()}
+    assert {n: a.tobytes() for n, a in got.items()} == {
+        n: a.tobytes() for n, a in sharded.tensors.items()
+    }
     assert sorted(manifest.deleted_shards) == sorted(sharded.shards)
     assert not list(online.cache.rglob("*.safetensors"))  # snapshot links of the shards gone...
     blobs = list(online.cache.rglob("blobs/*"))

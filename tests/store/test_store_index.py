@@ -56,7 +56,16 @@ def _write_index(path: Path, weight_map: dict) -> None:
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
-@pytest.mark.parametrize("bad", ["../x.safetensors", "/etc/passwd", "s3://bucket/x.safetensors", "C:\\x.safetensors", "a/../../x"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../x.safetensors",
+        "/etc/passwd",
+        "s3://bucket/x.safetensors",
+        "C:\\x.safetensors",
+        "a/../../x",
+    ],
+)
 def test_index_entries_escaping_the_model_dir_are_refused(sharded: Checkpoint, bad: str):
     index = json.loads((sharded.path / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.norm.weight"] = bad
@@ -93,7 +102,11 @@ def test_tensor_mapped_to_the_wrong_shard(sharded: Checkpoint):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("{not json", "not valid JSON"), ('{"metadata": {}}', "no 'weight_map'"), ("[1]", "no 'weight_map'")],
+    [
+        ("{not json", "not valid JSON"),
+        ('{"metadata": {}}', "no 'weight_map'"),
+        ("[1]", "no 'weight_map'"),
+    ],
 )
 def test_malformed_index_file(sharded: Checkpoint, content: str, message: str):
     (sharded.path / "model.safetensors.index.json").write_text(content)

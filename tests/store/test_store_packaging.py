@@ -61,7 +61,9 @@ def test_importing_every_module_imports_no_torch():
         "for m in mods: importlib.import_module(m)\n"
         "print(len(mods), sorted(n for n in ('torch', 'numpy') if n in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     count, loaded = out.stdout.split(" ", 1)
     assert int(count) >= 10 and loaded.strip() == "[]"
 
@@ -77,15 +79,31 @@ def test_pip_resolution_installs_no_torch(tmp_path: Path):
     """What `pip install packages/rabbit-store[s3]` would install into an empty environment."""
     report = tmp_path / "report.json"
     run = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-build-isolation",
-         "--quiet", "--report", str(report), f"{PACKAGE}[s3]"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--no-build-isolation",
+            "--quiet",
+            "--report",
+            str(report),
+            f"{PACKAGE}[s3]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if run.returncode != 0:
         reason = f"pip could not resolve rabbit-store: {run.stderr.strip().splitlines()[-3:]}"
         if os.environ.get("CI"):
             pytest.fail(reason)  # CI reaches the package index: a failure there is real
         pytest.skip(reason)
-    names = {canonicalize_name(item["metadata"]["name"]) for item in json.loads(report.read_text())["install"]}
+    names = {
+        canonicalize_name(item["metadata"]["name"])
+        for item in json.loads(report.read_text())["install"]
+    }
     assert "rabbit-store" in names and "s3fs" in names
     assert not names & FORBIDDEN, names & FORBIDDEN

@@ -19,26 +19,46 @@ def fake_index(names: list[str]) -> CheckpointIndex:
 
 
 def layered(prefix: str, count: int, extra: list[str]) -> list[str]:
-    return [f"{prefix}.{i}.{p}.weight" for i in range(count) for p in ("attn.q", "mlp.up", "ln")] + extra
+    return [
+        f"{prefix}.{i}.{p}.weight" for i in range(count) for p in ("attn.q", "mlp.up", "ln")
+    ] + extra
 
 
 @pytest.mark.parametrize(
     ("prefix", "embeddings", "norm", "head"),
     [
         ("model.layers", ["model.embed_tokens.weight"], ["model.norm.weight"], ["lm_head.weight"]),
-        ("transformer.h", ["transformer.wte.weight", "transformer.wpe.weight"], ["transformer.ln_f.weight", "transformer.ln_f.bias"], []),
+        (
+            "transformer.h",
+            ["transformer.wte.weight", "transformer.wpe.weight"],
+            ["transformer.ln_f.weight", "transformer.ln_f.bias"],
+            [],
+        ),
         (
             "transformer.encoder.layers",
             ["transformer.embedding.word_embeddings.weight"],
             ["transformer.encoder.final_layernorm.weight"],
             ["transformer.output_layer.weight"],
         ),
-        ("model.language_model.layers", ["model.language_model.embed_tokens.weight"], ["model.language_model.norm.weight"], ["lm_head.weight"]),
-        ("gpt_neox.layers", ["gpt_neox.embed_in.weight"], ["gpt_neox.final_layer_norm.weight"], ["embed_out.weight"]),
+        (
+            "model.language_model.layers",
+            ["model.language_model.embed_tokens.weight"],
+            ["model.language_model.norm.weight"],
+            ["lm_head.weight"],
+        ),
+        (
+            "gpt_neox.layers",
+            ["gpt_neox.embed_in.weight"],
+            ["gpt_neox.final_layer_norm.weight"],
+            ["embed_out.weight"],
+        ),
     ],
 )
 def test_layouts(prefix, embeddings, norm, head):
-    other = ["model.vision_tower.encoder.layers.0.mlp.weight", "model.vision_tower.post_layernorm.weight"]
+    other = [
+        "model.vision_tower.encoder.layers.0.mlp.weight",
+        "model.vision_tower.post_layernorm.weight",
+    ]
     names = layered(prefix, 3, embeddings + norm + head + other)
     plan = LayerPlan.from_index(fake_index(names))
     assert plan.layer_prefix == prefix
@@ -56,14 +76,23 @@ def test_layers_sorted_numerically_and_grouped_across_shards(sharded: Checkpoint
     index = CheckpointIndex.load(open_source(str(sharded.path)))
     plan = LayerPlan.from_index(index)
     assert plan.num_layers == 4
-    assert {index.tensors[n].file for n in plan.layers[1]} == {"weights-a.safetensors", "zz/last.safetensors"}
-    assert sorted(plan.layers[1]) == sorted(n for n in sharded.tensors if n.startswith("model.layers.1."))
+    assert {index.tensors[n].file for n in plan.layers[1]} == {
+        "weights-a.safetensors",
+        "zz/last.safetensors",
+    }
+    assert sorted(plan.layers[1]) == sorted(
+        n for n in sharded.tensors if n.startswith("model.layers.1.")
+    )
     assert not plan.tied
 
 
 def test_ten_plus_layers_order():
-    plan = LayerPlan.from_index(fake_index(sorted(layered("model.layers", 12, []))))  # sorted as strings
-    assert [p.split(".")[2] for p in (layer[0] for layer in plan.layers)] == [str(i) for i in range(12)]
+    plan = LayerPlan.from_index(
+        fake_index(sorted(layered("model.layers", 12, [])))
+    )  # sorted as strings
+    assert [p.split(".")[2] for p in (layer[0] for layer in plan.layers)] == [
+        str(i) for i in range(12)
+    ]
 
 
 def test_missing_layer_is_named():
@@ -84,6 +113,8 @@ def test_explicit_prefix():
 
 def test_bad_prefix_and_no_layers():
     with pytest.raises(LayerLayoutError, match="'decoder.blocks'"):
-        LayerPlan.from_index(fake_index(layered("model.layers", 2, [])), layer_prefix="decoder.blocks")
+        LayerPlan.from_index(
+            fake_index(layered("model.layers", 2, [])), layer_prefix="decoder.blocks"
+        )
     with pytest.raises(LayerLayoutError, match="layer_prefix="):
         LayerPlan.from_index(fake_index(["a.weight", "b.weight"]))

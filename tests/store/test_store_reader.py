@@ -5,8 +5,8 @@ from __future__ import annotations
 import mmap
 
 import fsspec
-from fsspec.implementations.memory import MemoryFileSystem
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from rabbit_store import CheckpointIndex, LayerPlan, LayerReader, open_source
 from rabbit_store.errors import InvalidOptionError
@@ -35,9 +35,13 @@ def test_local_views_are_zero_copy_and_writable(sharded: Checkpoint):
             assert isinstance(view.obj, mmap.mmap) and not view.readonly
         name = plan.layers[1][0]
         views[name][0] ^= 0xFF  # private copy-on-write: the file is untouched
-        assert (sharded.path / "weights-a.safetensors").read_bytes().count(sharded.tensors[name].tobytes()) == 1
+        assert (sharded.path / "weights-a.safetensors").read_bytes().count(
+            sharded.tensors[name].tobytes()
+        ) == 1
         again = reader.read([name])
-        assert bytes(again[name]) != sharded.tensors[name].tobytes()  # same private map for the reader's life
+        assert (
+            bytes(again[name]) != sharded.tensors[name].tobytes()
+        )  # same private map for the reader's life
 
 
 def test_read_into_caller_buffer(sharded: Checkpoint):
@@ -77,7 +81,9 @@ def test_coalesce_merges_neighbours_and_cuts_parts(sharded: Checkpoint):
     reads = coalesce(infos)
     assert {r[0] for r in reads} == {"weights-a.safetensors", "zz/last.safetensors"}
     assert len(reads) == 2  # one read per shard
-    assert coalesce(infos, gap=0, part=64) != reads and all(e - s <= 64 for _, s, e in coalesce(infos, gap=0, part=64))
+    assert coalesce(infos, gap=0, part=64) != reads and all(
+        e - s <= 64 for _, s, e in coalesce(infos, gap=0, part=64)
+    )
 
 
 class CountingMemoryFS(MemoryFileSystem):

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from rabbit_store import CheckpointIndex, LayerPlan, LayerReader, open_source, split_checkpoint, verify_split
+from rabbit_store import (
+    CheckpointIndex,
+    LayerPlan,
+    LayerReader,
+    open_source,
+    split_checkpoint,
+    verify_split,
+)
 from rabbit_store.errors import CheckpointNotFoundError
 
 from .store_helpers import Checkpoint, upload
@@ -39,7 +46,9 @@ def test_read_layers_straight_from_s3_shards(s3, sharded: Checkpoint):
 
 def test_split_local_to_s3_and_read_back(s3, sharded: Checkpoint):
     url = f"s3://{s3['bucket']}/split/tiny"
-    manifest = split_checkpoint(str(sharded.path), url, storage_options=s3["options"], progress=False)
+    manifest = split_checkpoint(
+        str(sharded.path), url, storage_options=s3["options"], progress=False
+    )
     assert manifest.num_layers == 4
     assert s3["fs"].exists(f"{url}/rabbit-split.json") and s3["fs"].exists(f"{url}/config.json")
     assert verify_split(url, storage_options=s3["options"]).ok
@@ -60,7 +69,9 @@ def test_split_s3_to_local(s3, sharded: Checkpoint, tmp_path: Path):
     assert got == expected(sharded)
 
 
-def test_local_cache_serves_the_second_read(s3, sharded: Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_local_cache_serves_the_second_read(
+    s3, sharded: Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     url = f"s3://{s3['bucket']}/cached"
     upload(s3["fs"], sharded.path, url)
     cache = tmp_path / "blocks"
@@ -81,8 +92,9 @@ def test_local_cache_serves_the_second_read(s3, sharded: Checkpoint, tmp_path: P
     assert first == second == {n: sharded.tensors[n].tobytes() for n in plan.layers[1]}
 
 
-def test_local_cache_true_lives_under_rabbitllm_cache(s3, sharded: Checkpoint, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch):
+def test_local_cache_true_lives_under_rabbitllm_cache(
+    s3, sharded: Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     url = f"s3://{s3['bucket']}/cached-default"
     upload(s3["fs"], sharded.path, url)
     monkeypatch.setenv("RABBITLLM_CACHE", str(tmp_path / "rabbit-cache"))

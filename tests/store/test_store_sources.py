@@ -19,7 +19,9 @@ def test_local_directory(sharded: Checkpoint):
     assert source.location == str(sharded.path)
     assert source.local_path("zz/last.safetensors") == str(sharded.path / "zz" / "last.safetensors")
     assert "zz/last.safetensors" in source.list_files() and "config.json" in source.list_files()
-    assert source.exists("config.json") and not source.exists("nope.json") and not source.exists("zz")
+    assert (
+        source.exists("config.json") and not source.exists("nope.json") and not source.exists("zz")
+    )
     assert source.size("config.json") == (sharded.path / "config.json").stat().st_size
     assert source.read_json("config.json")["model_type"] == "llama"
     assert source.cat_ranges(["config.json", "config.json"], [0, 2], [1, 4]) == [b"{", b"mo"]

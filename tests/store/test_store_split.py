@@ -12,11 +12,25 @@ import filelock
 import pytest
 
 import rabbit_store.split as split_module
-from rabbit_store import CheckpointIndex, LayerPlan, LayerReader, open_source, split_checkpoint, verify_split
+from rabbit_store import (
+    CheckpointIndex,
+    LayerPlan,
+    LayerReader,
+    open_source,
+    split_checkpoint,
+    verify_split,
+)
 from rabbit_store.errors import InvalidOptionError, ManifestNotFoundError, SplitCorruptedError
 from rabbit_store.manifest import MANIFEST_FILE, PARTIAL_MANIFEST_FILE
 
-from .store_helpers import Checkpoint, model_tensors, odd_shards, sha256_file, tensors_of, write_checkpoint
+from .store_helpers import (
+    Checkpoint,
+    model_tensors,
+    odd_shards,
+    sha256_file,
+    tensors_of,
+    write_checkpoint,
+)
 
 
 def same_tensors(path: Path, checkpoint: Checkpoint) -> None:
@@ -28,13 +42,21 @@ def same_tensors(path: Path, checkpoint: Checkpoint) -> None:
 
 
 def digests(path: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    return {
+        p.name: sha256_file(p)
+        for p in sorted(path.iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    }
 
 
 @pytest.mark.parametrize("layout", ["sharded", "single", "gpt2"])
-def test_split_is_byte_identical_and_a_checkpoint(tmp_path: Path, layout: str, request: pytest.FixtureRequest):
+def test_split_is_byte_identical_and_a_checkpoint(
+    tmp_path: Path, layout: str, request: pytest.FixtureRequest
+):
     if layout == "gpt2":
-        checkpoint = write_checkpoint(tmp_path / "gpt2", model_tensors("gpt2", num_layers=2, tied=True))
+        checkpoint = write_checkpoint(
+            tmp_path / "gpt2", model_tensors("gpt2", num_layers=2, tied=True)
+        )
     else:
         checkpoint = request.getfixturevalue(layout)
     dest = tmp_path / "new" / "nested" / "split"  # created
@@ -42,7 +64,9 @@ def test_split_is_byte_identical_and_a_checkpoint(tmp_path: Path, layout: str, r
     same_tensors(dest, checkpoint)
     files = sorted(p.name for p in dest.glob("*.safetensors"))
     plan = LayerPlan.from_index(CheckpointIndex.load(open_source(str(checkpoint.path))))
-    assert len(files) == plan.num_layers + sum(bool(p) for p in (plan.embeddings, plan.norm, plan.lm_head, plan.other))
+    assert len(files) == plan.num_layers + sum(
+        bool(p) for p in (plan.embeddings, plan.norm, plan.lm_head, plan.other)
+    )
     assert manifest.layers == [f"layer-{i:05d}.safetensors" for i in range(plan.num_layers)]
     assert manifest.tied is plan.tied and manifest.complete
     assert (dest / "config.json").read_bytes() == (checkpoint.path / "config.json").read_bytes()
@@ -53,9 +77,14 @@ def test_split_is_byte_identical_and_a_checkpoint(tmp_path: Path, layout: str, r
     assert [sorted(x) for x in split_plan.layers] == [sorted(x) for x in plan.layers]
     assert {index.tensors[n].file for n in split_plan.layers[1]} == {"layer-00001.safetensors"}
     views = LayerReader(open_source(str(dest)), index).read(split_plan.layers[0])
-    assert {n: bytes(v) for n, v in views.items()} == {n: checkpoint.tensors[n].tobytes() for n in views}
+    assert {n: bytes(v) for n, v in views.items()} == {
+        n: checkpoint.tensors[n].tobytes() for n in views
+    }
     saved = json.loads((dest / MANIFEST_FILE).read_text())
-    assert saved["source_fingerprint"] == CheckpointIndex.load(open_source(str(checkpoint.path))).fingerprint
+    assert (
+        saved["source_fingerprint"]
+        == CheckpointIndex.load(open_source(str(checkpoint.path))).fingerprint
+    )
     assert all(len(f["sha256"]) == 64 for f in saved["files"])
     assert not (dest / PARTIAL_MANIFEST_FILE).exists()
     assert verify_split(str(dest)).ok
@@ -66,8 +95,13 @@ def test_split_loads_in_transformers(tmp_path: Path):
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
     config = transformers.LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=64, tie_word_embeddings=False,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
@@ -80,7 +114,9 @@ def test_split_loads_in_transformers(tmp_path: Path):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_interrupted_split_resumes_to_identical_bytes(sharded: Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_interrupted_split_resumes_to_identical_bytes(
+    sharded: Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     reference = tmp_path / "reference"
     split_checkpoint(str(sharded.path), str(reference), progress=False)
 
@@ -103,11 +139,14 @@ def test_interrupted_split_resumes_to_identical_bytes(sharded: Checkpoint, tmp_p
         verify_split(str(dest))
     # leftovers of a harder crash: a temp file and a half-written layer file under its final name
     (dest / ".layer-00002.safetensors.deadbeef.incomplete").write_bytes(b"partial")
-    (dest / "layer-00002.safetensors").write_bytes((reference / "layer-00002.safetensors").read_bytes()[:100])
+    (dest / "layer-00002.safetensors").write_bytes(
+        (reference / "layer-00002.safetensors").read_bytes()[:100]
+    )
 
     rewritten: list[str] = []
     monkeypatch.setattr(
-        split_module._Splitter, "_write_group",
+        split_module._Splitter,
+        "_write_group",
         lambda self, name, *a: rewritten.append(name) or real(self, name, *a),
     )
     split_checkpoint(str(sharded.path), str(dest), progress=False)
@@ -147,7 +186,9 @@ def test_verify_finds_each_kind_of_damage(sharded: Checkpoint, tmp_path: Path):
         verify_split(str(tmp_path / "empty"))
 
 
-def test_delete_original_after_verification_once(sharded: Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_delete_original_after_verification_once(
+    sharded: Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     deleted: list[str] = []
     from rabbit_store.sources import FsspecSource
 
@@ -174,21 +215,33 @@ def test_delete_original_after_verification_once(sharded: Checkpoint, tmp_path: 
 
     monkeypatch.setattr(split_module._Splitter, "__init__", capture)
     monkeypatch.setattr(FsspecSource, "delete", record)
-    manifest = split_checkpoint(str(sharded.path), str(tmp_path / "dest"), delete_original=True, progress=False)
+    manifest = split_checkpoint(
+        str(sharded.path), str(tmp_path / "dest"), delete_original=True, progress=False
+    )
     assert sorted(deleted) == sorted(sharded.shards)  # each once
     assert sorted(manifest.deleted_shards) == sorted(sharded.shards)
     assert not list(sharded.path.rglob("*.safetensors"))
     same_tensors(tmp_path / "dest", sharded)
 
 
-def test_delete_original_keeps_shards_when_verification_fails(sharded: Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(split_module, "_check_file", lambda dest, entry, check_hash=True: "sha256 mismatch")
+def test_delete_original_keeps_shards_when_verification_fails(
+    sharded: Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(
+        split_module, "_check_file", lambda dest, entry, check_hash=True: "sha256 mismatch"
+    )
     with pytest.raises(SplitCorruptedError, match="originals were not deleted"):
-        split_checkpoint(str(sharded.path), str(tmp_path / "dest"), delete_original=True, progress=False)
-    assert sorted(p.relative_to(sharded.path).as_posix() for p in sharded.path.rglob("*.safetensors")) == sorted(sharded.shards)
+        split_checkpoint(
+            str(sharded.path), str(tmp_path / "dest"), delete_original=True, progress=False
+        )
+    assert sorted(
+        p.relative_to(sharded.path).as_posix() for p in sharded.path.rglob("*.safetensors")
+    ) == sorted(sharded.shards)
 
 
-def test_resume_after_delete_original_was_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_resume_after_delete_original_was_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     tensors = model_tensors(num_layers=4)
     checkpoint = write_checkpoint(tmp_path / "src", tensors, odd_shards(tensors))
     keep = {n: a.copy() for n, a in tensors.items()}
@@ -204,12 +257,18 @@ def test_resume_after_delete_original_was_interrupted(tmp_path: Path, monkeypatc
     monkeypatch.setattr(split_module._Splitter, "_write_group", crash_late)
     monkeypatch.setattr(split_module, "HASH_WORKERS", 1)  # files finish one behind the copy
     with pytest.raises(KeyboardInterrupt):
-        split_checkpoint(str(checkpoint.path), str(tmp_path / "dest"), delete_original=True, progress=False)
+        split_checkpoint(
+            str(checkpoint.path), str(tmp_path / "dest"), delete_original=True, progress=False
+        )
     monkeypatch.undo()
-    assert not (checkpoint.path / "weights-a.safetensors").exists()  # layers 0, 1 and embeddings done
+    assert not (
+        checkpoint.path / "weights-a.safetensors"
+    ).exists()  # layers 0, 1 and embeddings done
     with pytest.raises(Exception, match="weights-a.safetensors"):
         CheckpointIndex.load(open_source(str(checkpoint.path)))
-    manifest = split_checkpoint(str(checkpoint.path), str(tmp_path / "dest"), delete_original=True, progress=False)
+    manifest = split_checkpoint(
+        str(checkpoint.path), str(tmp_path / "dest"), delete_original=True, progress=False
+    )
     assert sorted(manifest.deleted_shards) == sorted(checkpoint.shards)
     same_tensors(tmp_path / "dest", Checkpoint(checkpoint.path, keep, checkpoint.shards))
 
@@ -221,7 +280,9 @@ def test_a_second_split_waits_for_the_lock(sharded: Checkpoint, tmp_path: Path):
     held.acquire()
     finished: list[float] = []
     worker = threading.Thread(
-        target=lambda: finished.append(split_checkpoint(str(sharded.path), str(dest), progress=False) and time.monotonic())
+        target=lambda: finished.append(
+            split_checkpoint(str(sharded.path), str(dest), progress=False) and time.monotonic()
+        )
     )
     worker.start()
     time.sleep(0.5)
@@ -232,12 +293,17 @@ def test_a_second_split_waits_for_the_lock(sharded: Checkpoint, tmp_path: Path):
     assert finished and finished[0] >= released and verify_split(str(dest)).ok
 
 
-def test_destination_holding_another_split_is_overwritten(sharded: Checkpoint, single: Checkpoint, tmp_path: Path):
+def test_destination_holding_another_split_is_overwritten(
+    sharded: Checkpoint, single: Checkpoint, tmp_path: Path
+):
     dest = tmp_path / "dest"
     split_checkpoint(str(single.path), str(dest), progress=False)
     manifest = split_checkpoint(str(sharded.path), str(dest), progress=False)
     assert manifest.num_layers == 4 and verify_split(str(dest)).ok
-    assert json.loads((dest / "model.safetensors.index.json").read_text())["weight_map"] == manifest.weight_map()
+    assert (
+        json.loads((dest / "model.safetensors.index.json").read_text())["weight_map"]
+        == manifest.weight_map()
+    )
 
 
 def test_manifest_versions(sharded: Checkpoint, tmp_path: Path):
@@ -248,8 +314,14 @@ def test_manifest_versions(sharded: Checkpoint, tmp_path: Path):
     dest = tmp_path / "dest"
     split_checkpoint(str(sharded.path), str(dest), progress=False)
     raw = json.loads((dest / MANIFEST_FILE).read_text())
-    assert raw["version"] == 2 and all(f["header_sha256"] for f in raw["files"] if f["part"] != "aux")
-    old = dict(raw, version=1, files=[{k: v for k, v in f.items() if k != "header_sha256"} for f in raw["files"]])
+    assert raw["version"] == 2 and all(
+        f["header_sha256"] for f in raw["files"] if f["part"] != "aux"
+    )
+    old = dict(
+        raw,
+        version=1,
+        files=[{k: v for k, v in f.items() if k != "header_sha256"} for f in raw["files"]],
+    )
     (dest / MANIFEST_FILE).write_text(json.dumps(old))
     assert verify_split(str(dest)).ok
     index = CheckpointIndex.load(open_source(str(dest)))
@@ -274,7 +346,9 @@ def test_memory_destination(sharded: Checkpoint):
     assert len(manifest.layers) == 4
 
 
-def test_copy_range_falls_back_without_copy_file_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_copy_range_falls_back_without_copy_file_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     src, dst = tmp_path / "a", tmp_path / "b"
     src.write_bytes(os.urandom(1000))
     monkeypatch.delattr(os, "copy_file_range", raising=False)

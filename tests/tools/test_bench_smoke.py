@@ -20,9 +20,22 @@ def test_bench_quick_prints_table_with_every_engine(tmp_path):
     pytest.importorskip("accelerate")
     out_json = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--workdir", str(tmp_path / "work"), "--json", str(out_json),
-         "--threads", "1"],
-        capture_output=True, text=True, timeout=900, cwd=ROOT, check=False,
+        [
+            sys.executable,
+            str(BENCH),
+            "--quick",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(out_json),
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        check=False,
     )
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     table = proc.stdout
@@ -31,7 +44,9 @@ def test_bench_quick_prints_table_with_every_engine(tmp_path):
     seen = {(r[0], r[1]) for r in rows if len(r) > 2 and r[0] in ENGINES}
     for regime in ("cold", "warm", "resident"):
         for engine in ENGINES:
-            if (regime == "resident" and engine == "accelerate") or (regime != "cold" and engine == "rabbit-auto"):
+            if (regime == "resident" and engine == "accelerate") or (
+                regime != "cold" and engine == "rabbit-auto"
+            ):
                 continue
             assert (engine, regime) in seen, f"no row for {engine} in the {regime} regime:\n{table}"
     assert "cold regime capping:" in table
@@ -41,7 +56,9 @@ def test_bench_quick_prints_table_with_every_engine(tmp_path):
     results = data["results"]
     assert results and all(r["ok"] for r in results)
     for r in results:
-        assert r["tokens_equal"] is True, f"{r['engine']} ({r['regime']}) tokens differ from transformers'"
+        assert r["tokens_equal"] is True, (
+            f"{r['engine']} ({r['regime']}) tokens differ from transformers'"
+        )
         assert len(r["tokens"]) == 1 + data["args"]["tokens"]
         assert r["decode_s"] > 0 and r["peak"]["VmHWM"] > 0
     assert data["regimes"]["cold"]["method"] in ("cgroup-v1", "cgroup-v2", "evict")

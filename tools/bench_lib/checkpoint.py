@@ -22,8 +22,10 @@ class Shape:
 
     @property
     def key(self) -> str:
-        return (f"llama-h{self.hidden}-l{self.layers}-i{self.intermediate}-v{self.vocab}"
-                f"-a{self.heads}-kv{self.kv_heads}-s{self.seed}")
+        return (
+            f"llama-h{self.hidden}-l{self.layers}-i{self.intermediate}-v{self.vocab}"
+            f"-a{self.heads}-kv{self.kv_heads}-s{self.seed}"
+        )
 
     def layer_params(self) -> int:
         head_dim = self.hidden // self.heads

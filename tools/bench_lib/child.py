@@ -87,8 +87,11 @@ def thread_faults() -> dict[int, tuple[int, int]]:
 
 def background_tids() -> set[int]:
     """The engine's own helper threads (prefetch, readers): faults there are hidden I/O."""
-    return {t.native_id for t in threading.enumerate()
-            if t.native_id and t is not threading.main_thread() and not t.name.startswith("bench-")}
+    return {
+        t.native_id
+        for t in threading.enumerate()
+        if t.native_id and t is not threading.main_thread() and not t.name.startswith("bench-")
+    }
 
 
 class StepCounters:
@@ -107,9 +110,15 @@ class StepCounters:
         ru = resource.getrusage(resource.RUSAGE_SELF)
         faults = thread_faults()
         helpers = background_tids()
-        row = {"read_bytes": (io - self._io) if io is not None and self._io is not None else None,
-               "majflt_compute": 0, "majflt_helpers": 0, "minflt_compute": 0, "minflt_helpers": 0,
-               "cpu_user_s": ru.ru_utime - self._ru.ru_utime, "cpu_sys_s": ru.ru_stime - self._ru.ru_stime}
+        row = {
+            "read_bytes": (io - self._io) if io is not None and self._io is not None else None,
+            "majflt_compute": 0,
+            "majflt_helpers": 0,
+            "minflt_compute": 0,
+            "minflt_helpers": 0,
+            "cpu_user_s": ru.ru_utime - self._ru.ru_utime,
+            "cpu_sys_s": ru.ru_stime - self._ru.ru_stime,
+        }
         for tid, (mn, mj) in faults.items():
             mn0, mj0 = self._faults.get(tid, (0, 0))
             side = "helpers" if tid in helpers else "compute"
@@ -121,8 +130,12 @@ class StepCounters:
         if not self.rows:
             return {}
         keys = self.rows[0].keys()
-        return {k: statistics.median(r[k] for r in self.rows) if all(r[k] is not None for r in self.rows) else None
-                for k in keys}
+        return {
+            k: statistics.median(r[k] for r in self.rows)
+            if all(r[k] is not None for r in self.rows)
+            else None
+            for k in keys
+        }
 
 
 def disk_device_map(path: str, resident) -> dict:
@@ -135,7 +148,10 @@ def disk_device_map(path: str, resident) -> dict:
         skeleton = AutoModelForCausalLM.from_config(config)
     layers = None
     for name, module in skeleton.named_modules():
-        if isinstance(module, __import__("torch").nn.ModuleList) and len(module) == config.num_hidden_layers:
+        if (
+            isinstance(module, __import__("torch").nn.ModuleList)
+            and len(module) == config.num_hidden_layers
+        ):
             layers = name
             break
     if layers is None:
@@ -166,9 +182,13 @@ def load_engine(spec: dict):
     if engine.startswith("rabbit"):
         from rabbitllm import AutoModel
 
-        kwargs = {"dtype": None, "device": None if device == "cpu" else device,
-                  "max_memory": spec.get("max_memory"), "prefetch": spec.get("prefetch", 2),
-                  "profile": spec.get("profile", True)}
+        kwargs = {
+            "dtype": None,
+            "device": None if device == "cpu" else device,
+            "max_memory": spec.get("max_memory"),
+            "prefetch": spec.get("prefetch", 2),
+            "profile": spec.get("profile", True),
+        }
         if spec.get("layers_path"):
             kwargs["layers_path"] = spec["layers_path"]
         return AutoModel.from_pretrained(path, **kwargs)
@@ -179,8 +199,12 @@ def load_engine(spec: dict):
         return model.to(device) if device != "cpu" else model
     if engine == "accelerate":
         resident = 0 if device.startswith("cuda") else "cpu"
-        return AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=disk_device_map(path, resident),
-                                                    offload_folder=spec["offload_folder"])
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype="auto",
+            device_map=disk_device_map(path, resident),
+            offload_folder=spec["offload_folder"],
+        )
     raise ValueError(f"unknown engine {engine!r}")
 
 
@@ -299,8 +323,13 @@ def main(spec_path: str) -> int:
     try:
         result = run(spec)
     except BaseException as e:  # noqa: BLE001 - report any failure to the parent
-        result = {"engine": spec["engine"], "regime": spec["regime"], "ok": False,
-                  "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        result = {
+            "engine": spec["engine"],
+            "regime": spec["regime"],
+            "ok": False,
+            "error": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc(),
+        }
     Path(spec["result"]).write_text(json.dumps(result))
     sys.stdout.flush()
     os._exit(0 if result.get("ok") else 1)  # skip interpreter teardown (threads, mmaps)

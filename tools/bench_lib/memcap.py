@@ -29,8 +29,14 @@ def libc():
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         _libc.mmap.restype = ctypes.c_void_p
-        _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                               ctypes.c_int, ctypes.c_long]
+        _libc.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
         _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -203,8 +209,12 @@ class Cgroup:
                 return int((self.path / name).read_text().split()[0])
             except (OSError, ValueError, IndexError):
                 return None
+
         if self.version == 1:
-            return {"peak_bytes": read("memory.max_usage_in_bytes"), "failcnt": read("memory.failcnt")}
+            return {
+                "peak_bytes": read("memory.max_usage_in_bytes"),
+                "failcnt": read("memory.failcnt"),
+            }
         events = {}
         try:
             for line in (self.path / "memory.events").read_text().splitlines():
@@ -212,7 +222,11 @@ class Cgroup:
                 events[k] = int(v)
         except OSError:
             pass
-        return {"peak_bytes": read("memory.peak"), "failcnt": events.get("max"), "oom_kill": events.get("oom_kill")}
+        return {
+            "peak_bytes": read("memory.peak"),
+            "failcnt": events.get("max"),
+            "oom_kill": events.get("oom_kill"),
+        }
 
     def remove(self) -> None:
         for _ in range(50):
@@ -262,7 +276,9 @@ def make_cgroup(name: str) -> tuple[Cgroup | None, str]:
                 reasons.append(f"v2 {here}: {e.strerror}")
                 continue
             if "memory" not in controllers:
-                reasons.append(f"v2 {here}: memory controller not available ({' '.join(controllers) or 'none'})")
+                reasons.append(
+                    f"v2 {here}: memory controller not available ({' '.join(controllers) or 'none'})"
+                )
                 continue
             try:
                 sub = (here / "cgroup.subtree_control").read_text().split()

@@ -56,9 +56,25 @@ sys.path.insert(0, str(HERE.parent))
 from bench_lib import memcap
 from bench_lib.checkpoint import checkpoint_files
 
-MODES = ("fault-file", "fault-forward", "willneed", "willneed-dontneed", "willneed-inline-forward",
-         "pread-cache-forward", "pread-cache-wait-forward", "populate", "populate-ctypes",
-         "populate-forward", "populate-ctypes-cold", "populate-ctypes-pageout", "populate-ctypes-willneed", "populate-ctypes-seq", "direct-par", "pread", "direct")
+MODES = (
+    "fault-file",
+    "fault-forward",
+    "willneed",
+    "willneed-dontneed",
+    "willneed-inline-forward",
+    "pread-cache-forward",
+    "pread-cache-wait-forward",
+    "populate",
+    "populate-ctypes",
+    "populate-forward",
+    "populate-ctypes-cold",
+    "populate-ctypes-pageout",
+    "populate-ctypes-willneed",
+    "populate-ctypes-seq",
+    "direct-par",
+    "pread",
+    "direct",
+)
 FORWARD = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MADV_POPULATE_READ = 22
 MADV_COLD, MADV_PAGEOUT = 20, 21  # after use: first in line for reclaim / reclaimed now
@@ -82,7 +98,9 @@ def child(ckpt: str, mode: str, tokens: int, depth: int) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("READPATHS_THREADS", "1")))
-    ballast = bytearray(int(os.environ.get("READPATHS_BALLAST_MB", "0")) << 20)  # anonymous memory held  # noqa: F841
+    ballast = bytearray(
+        int(os.environ.get("READPATHS_BALLAST_MB", "0")) << 20
+    )  # anonymous memory held  # noqa: F841
     files = [str(p) for p in checkpoint_files(Path(ckpt))]
     infos = tensor_table(files)
     num = 1 + max(int(k.split(".")[2]) for k in infos if k.startswith("model.layers."))
@@ -91,7 +109,9 @@ def child(ckpt: str, mode: str, tokens: int, depth: int) -> dict:
         names = [k for k in infos if k.startswith(f"model.layers.{i}.") and len(infos[k][3]) == 2]
         names.sort(key=lambda k: infos[k][1])  # file order
         if mode.endswith("forward"):
-            names.sort(key=lambda k: FORWARD.index(k.split(".")[-2]) if k.split(".")[-2] in FORWARD else 99)
+            names.sort(
+                key=lambda k: FORWARD.index(k.split(".")[-2]) if k.split(".")[-2] in FORWARD else 99
+            )
         layers.append(names)
     dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
     maps = {}
@@ -109,7 +129,9 @@ def child(ckpt: str, mode: str, tokens: int, depth: int) -> dict:
         return torch.frombuffer(mv, dtype=dtypes[dt]).view(shape)
 
     def mapped(i):
-        return {k: view(memoryview(maps[infos[k][0]])[infos[k][1]:infos[k][2]], k) for k in layers[i]}
+        return {
+            k: view(memoryview(maps[infos[k][0]])[infos[k][1] : infos[k][2]], k) for k in layers[i]
+        }
 
     import ctypes
 
@@ -128,8 +150,15 @@ def child(ckpt: str, mode: str, tokens: int, depth: int) -> dict:
                 m.madvise(how, s, n)
 
     biggest = max(sum(infos[k][2] - infos[k][1] + 2 * PAGE for k in ly) for ly in layers)
-    ring = [mmap.mmap(-1, biggest + (8 << 20)) for _ in range(depth + 1)] if mode in ("pread", "direct", "direct-par") else []
-    fds = {f: os.open(f, os.O_RDONLY | (os.O_DIRECT if mode.startswith("direct") else 0)) for f in files}
+    ring = (
+        [mmap.mmap(-1, biggest + (8 << 20)) for _ in range(depth + 1)]
+        if mode in ("pread", "direct", "direct-par")
+        else []
+    )
+    fds = {
+        f: os.open(f, os.O_RDONLY | (os.O_DIRECT if mode.startswith("direct") else 0))
+        for f in files
+    }
     chunk_pool = ThreadPoolExecutor(int(os.environ.get("READPATHS_DIRECT_THREADS", "4")))
     CH = int(os.environ.get("READPATHS_DIRECT_CHUNK_MB", "8")) << 20
 
@@ -147,14 +176,14 @@ def child(ckpt: str, mode: str, tokens: int, depth: int) -> dict:
             where[f] = (off, a)
             for c in range(a, b, CH):
                 n = min(CH, b - c)
-                jobs.append((fds[f], mv[off + c - a: off + c - a + n], c))
+                jobs.append((fds[f], mv[off + c - a : off + c - a + n], c))
             off += b - a
         list(chunk_pool.map(lambda j: os.preadv(j[0], [j[1]], j[2]), jobs))
         out = {}
         for k in layers[i]:
             f, s, e, _, _ = infos[k]
             o, a = where[f]
-            out[k] = view(mv[o + s - a: o + e - a], k)
+            out[k] = view(mv[o + s - a : o + e - a], k)
         return out
 
     def read_into(i):
@@ -164,13 +193,13 @@ def child(ckpt: str, mode: str, tokens: int, depth: int) -> dict:
             f, s, e, _, _ = infos[k]
             if mode == "direct":
                 a, b = s - s % PAGE, -(-e // PAGE) * PAGE
-                os.preadv(fds[f], [mv[off:off + b - a]], a)
-                out[k] = view(mv[off + s - a:off + e - a], k)
+                os.preadv(fds[f], [mv[off : off + b - a]], a)
+                out[k] = view(mv[off + s - a : off + e - a], k)
                 off += b - a
             else:
-                os.preadv(fds[f], [mv[off:off + e - s]], s)
+                os.preadv(fds[f], [mv[off : off + e - s]], s)
                 os.posix_fadvise(fds[f], s, e - s, os.POSIX_FADV_DONTNEED)
-                out[k] = view(mv[off:off + e - s], k)
+                out[k] = view(mv[off : off + e - s], k)
                 off = -(-(off + e - s) // PAGE) * PAGE
         return out
 
@@ -258,7 +287,9 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--tokens", type=int, default=6)
     ap.add_argument("--depth", type=int, default=2, help="layers read ahead by the helper thread")
-    ap.add_argument("--cap-gb", type=float, default=None, help="memory cap (default 0.75 x the files)")
+    ap.add_argument(
+        "--cap-gb", type=float, default=None, help="memory cap (default 0.75 x the files)"
+    )
     ap.add_argument("--warm", action="store_true", help="no cap, files in the page cache")
     ap.add_argument("--nice", type=int, default=0)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -271,11 +302,16 @@ def main(argv=None) -> int:
     total = sum(os.path.getsize(f) for f in files)
     cap = int((args.cap_gb * 2**30) if args.cap_gb else 0.75 * total)
     method = "warm (no cap)" if args.warm else memcap.probe_cap_method()[0]
-    print(f"{args.ckpt}: {total / 1e9:.2f} GB; {method}" + ("" if args.warm else f", cap {cap / 2**30:.2f} GiB"))
+    print(
+        f"{args.ckpt}: {total / 1e9:.2f} GB; {method}"
+        + ("" if args.warm else f", cap {cap / 2**30:.2f} GiB")
+    )
     if not args.warm and method.startswith("cgroup"):
         bw = statistics.median(memcap.read_bandwidth(files)[0] for _ in range(2))
         print(f"cold read() bandwidth (no cap, this process): {bw / 2**30:.2f} GiB/s")
-    print(f"{'mode':<18} {'s/token (median, token 1 dropped)':>34} {'user s':>7} {'sys s':>7} {'limit hits':>10}")
+    print(
+        f"{'mode':<18} {'s/token (median, token 1 dropped)':>34} {'user s':>7} {'sys s':>7} {'limit hits':>10}"
+    )
     for mode in args.modes.split(","):
         cg = None
         if args.warm:
@@ -290,9 +326,23 @@ def main(argv=None) -> int:
             if args.nice:
                 os.nice(args.nice)
 
-        proc = subprocess.run([sys.executable, __file__, args.ckpt, "--child", mode, "--tokens", str(args.tokens),
-                               "--depth", str(args.depth)], capture_output=True, text=True, preexec_fn=pre,
-                              check=False)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                args.ckpt,
+                "--child",
+                mode,
+                "--tokens",
+                str(args.tokens),
+                "--depth",
+                str(args.depth),
+            ],
+            capture_output=True,
+            text=True,
+            preexec_fn=pre,
+            check=False,
+        )
         stats = cg.stats() if cg else {}
         if cg:
             cg.remove()
@@ -302,9 +352,12 @@ def main(argv=None) -> int:
             continue
         res = json.loads(line[7:])
         steps, cpu = res["steps"][1:] or res["steps"], res["cpu"][1:] or res["cpu"]
-        print(f"{mode:<18} {statistics.median(steps):>10.3f} ({min(steps):.2f}-{max(steps):.2f}){'':>13} "
-              f"{statistics.median(c[0] for c in cpu):>7.2f} {statistics.median(c[1] for c in cpu):>7.2f} "
-              f"{stats.get('failcnt') if stats.get('failcnt') is not None else '-':>10}", flush=True)
+        print(
+            f"{mode:<18} {statistics.median(steps):>10.3f} ({min(steps):.2f}-{max(steps):.2f}){'':>13} "
+            f"{statistics.median(c[0] for c in cpu):>7.2f} {statistics.median(c[1] for c in cpu):>7.2f} "
+            f"{stats.get('failcnt') if stats.get('failcnt') is not None else '-':>10}",
+            flush=True,
+        )
     return 0
 
 

@@ -122,16 +122,24 @@ def select_attention(
             if ok and not supports_flash:
                 ok, reason = False, "this model family does not support it in transformers"
             if ok:
-                logger.info("Attention: Flash Attention 2 available on %s", (facts or probe_platform()).gpu_name)
+                logger.info(
+                    "Attention: Flash Attention 2 available on %s",
+                    (facts or probe_platform()).gpu_name,
+                )
                 return impl
             logger.info("Flash Attention not available: %s. Using SDPA", reason)
             if requested == impl:
-                logger.warning("attn_implementation='flash_attention_2' cannot be used (%s); falling back.", reason)
+                logger.warning(
+                    "attn_implementation='flash_attention_2' cannot be used (%s); falling back.",
+                    reason,
+                )
         elif impl == "sdpa":
             if supports_sdpa:
                 return impl
             if requested == impl:
-                logger.warning("attn_implementation='sdpa' is not supported by this model family; using eager.")
+                logger.warning(
+                    "attn_implementation='sdpa' is not supported by this model family; using eager."
+                )
         else:
             return impl
     return "eager"

@@ -42,21 +42,31 @@ def resolve_budget(max_memory: int | str | None, device: torch.device) -> int | 
             if capped is not None and capped < free:
                 free, where = capped, "what this process's memory cgroup still allows"
         budget = int(free * (1 - AUTO_HEADROOM))
-        logger.info("max_memory='auto': %.2f GiB (%.0f%% of %s, %.2f GiB)", budget / _GIB,
-                    100 * (1 - AUTO_HEADROOM), where, free / _GIB)
+        logger.info(
+            "max_memory='auto': %.2f GiB (%.0f%% of %s, %.2f GiB)",
+            budget / _GIB,
+            100 * (1 - AUTO_HEADROOM),
+            where,
+            free / _GIB,
+        )
         return budget
     return parse_bytes(max_memory, option="max_memory")
 
 
-def plan_residency(weight_map: WeightMap, num_layers: int, budget: int | None, prefetch: int) -> set[int]:
+def plan_residency(
+    weight_map: WeightMap, num_layers: int, budget: int | None, prefetch: int
+) -> set[int]:
     """Pick the decoder layers kept resident; raise if not even one layer can stream."""
     if budget is None:
         return set()
     fixed = weight_map.loaded_nbytes(RESIDENT)
     sizes = [weight_map.loaded_nbytes(i) for i in range(num_layers)]
     if fixed + sum(sizes) <= budget:
-        logger.info("Memory budget %.2f GiB holds the whole model (%.2f GiB): every layer stays resident.",
-                    budget / _GIB, (fixed + sum(sizes)) / _GIB)
+        logger.info(
+            "Memory budget %.2f GiB holds the whole model (%.2f GiB): every layer stays resident.",
+            budget / _GIB,
+            (fixed + sum(sizes)) / _GIB,
+        )
         return set(range(num_layers))
     # The layer computing, the ones read ahead, and the one just used (its pages are reclaimed
     # lazily): planning one layer fewer made the compute thread fault ~85 MiB per token back in
@@ -75,6 +85,10 @@ def plan_residency(weight_map: WeightMap, num_layers: int, budget: int | None, p
             break
         resident.add(i)
         room -= size
-    logger.info("Resident: embeddings/norm/head (%.2f GiB) and %d of %d decoder layers; the rest stream.",
-                fixed / _GIB, len(resident), num_layers)
+    logger.info(
+        "Resident: embeddings/norm/head (%.2f GiB) and %d of %d decoder layers; the rest stream.",
+        fixed / _GIB,
+        len(resident),
+        num_layers,
+    )
     return resident

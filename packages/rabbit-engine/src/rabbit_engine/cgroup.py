@@ -86,7 +86,11 @@ def cgroup_available_memory(proc_self: str | os.PathLike[str] = "/proc/self") ->
             try:
                 if controllers == "" and fstype == "cgroup2":
                     value = _v2_available(_under(root, point, path), Path(point))
-                elif "memory" in controllers.split(",") and fstype == "cgroup" and "memory" in options:
+                elif (
+                    "memory" in controllers.split(",")
+                    and fstype == "cgroup"
+                    and "memory" in options
+                ):
                     value = _v1_available(_under(root, point, path))
                 else:
                     continue

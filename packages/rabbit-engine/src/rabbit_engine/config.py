@@ -24,7 +24,9 @@ def load_config(source, *, trust_remote_code: bool = False) -> PretrainedConfig:
     try:
         data = source.read_json("config.json")
     except (ValueError, json.JSONDecodeError) as exc:
-        raise InvalidCheckpointError(f"{source.location}/config.json is not valid JSON: {exc}") from None
+        raise InvalidCheckpointError(
+            f"{source.location}/config.json is not valid JSON: {exc}"
+        ) from None
     if not isinstance(data, dict):
         raise InvalidCheckpointError(f"{source.location}/config.json is not a JSON object.")
     model_type = data.get("model_type")
@@ -52,7 +54,9 @@ def load_config(source, *, trust_remote_code: bool = False) -> PretrainedConfig:
         )
     local = source.local_path("config.json")
     if local is None:
-        raise RabbitError("trust_remote_code=True needs a local or hub model (its code files must be importable).")
+        raise RabbitError(
+            "trust_remote_code=True needs a local or hub model (its code files must be importable)."
+        )
     import os
 
     return AutoConfig.from_pretrained(os.path.dirname(local), trust_remote_code=True)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from rabbit_store.errors import InvalidOptionError, RabbitError
 
-__all__ = ["InvalidOptionError", "MemoryBudgetError", "PickleRefusedError", "RabbitError", "UnsupportedModelError", "WeightMismatchError"]
+__all__ = [
+    "InvalidOptionError",
+    "MemoryBudgetError",
+    "PickleRefusedError",
+    "RabbitError",
+    "UnsupportedModelError",
+    "WeightMismatchError",
+]
 
 
 class UnsupportedModelError(RabbitError):

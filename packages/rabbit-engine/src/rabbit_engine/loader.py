@@ -14,8 +14,8 @@ from rabbit_engine.layout import LayoutAdapter
 from rabbit_engine.model import streaming_class
 from rabbit_engine.options import SAFETENSORS_DTYPES, parse_device, parse_dtype
 from rabbit_engine.profiler import Profiler
-from rabbit_engine.staging import CudaStager
 from rabbit_engine.skeleton import build_skeleton, causal_lm_class, move_buffers
+from rabbit_engine.staging import CudaStager
 from rabbit_engine.streamer import LayerStreamer
 from rabbit_engine.weights import WeightMap
 from rabbit_store import CheckpointIndex, LayerReader
@@ -63,10 +63,18 @@ def load_streaming_model(
     model = build_skeleton(config, model_class=model_class, dtype=dtype, attn_implementation=attn)
     logger.info("Model initialized with attn_implementation=%r", attn)
     if source.exists("generation_config.json"):
-        model.generation_config = GenerationConfig.from_dict(source.read_json("generation_config.json"))
+        model.generation_config = GenerationConfig.from_dict(
+            source.read_json("generation_config.json")
+        )
     layout = adapter.layout(model)
-    weight_map = WeightMap(model, index, layers_prefix=layout.layers_prefix,
-                           num_layers=len(layout.layers), device=device, align=bit_exact)
+    weight_map = WeightMap(
+        model,
+        index,
+        layers_prefix=layout.layers_prefix,
+        num_layers=len(layout.layers),
+        device=device,
+        align=bit_exact,
+    )
     budget = resolve_budget(max_memory, device)
     resident = plan_residency(weight_map, len(layout.layers), budget, prefetch)
     profiler = Profiler(profile)
@@ -74,8 +82,15 @@ def load_streaming_model(
     if device.type == "cuda":
         largest = max((weight_map.nbytes(i) for i in range(len(layout.layers))), default=0)
         stager = CudaStager(device, largest, slots=prefetch + 1)
-    streamer = LayerStreamer(weight_map, LayerReader(source, index), layout.layers,
-                             resident_layers=resident, prefetch=prefetch, profiler=profiler, stager=stager)
+    streamer = LayerStreamer(
+        weight_map,
+        LayerReader(source, index),
+        layout.layers,
+        resident_layers=resident,
+        prefetch=prefetch,
+        profiler=profiler,
+        stager=stager,
+    )
     move_buffers(model, device)
     streamer.load_resident()
     model.__class__ = streaming_class(type(model))

@@ -29,8 +29,12 @@ class StreamingModelMixin:
     @property
     def streamer_stats(self) -> dict:
         s = self._rabbit_streamer
-        return {"num_layers": s.num_layers, "resident_layers": sorted(s.resident_layers),
-                "prefetch": s.prefetch, "max_loaded_layers": s.max_loaded}
+        return {
+            "num_layers": s.num_layers,
+            "resident_layers": sorted(s.resident_layers),
+            "prefetch": s.prefetch,
+            "max_loaded_layers": s.max_loaded,
+        }
 
     def profile_report(self) -> dict:
         """Per-step timings and the bottleneck (empty unless built with `profile=True`)."""
@@ -61,4 +65,6 @@ class StreamingModelMixin:
 
 @functools.lru_cache(maxsize=None)
 def streaming_class(cls: type) -> type:
-    return type(f"Streaming{cls.__name__}", (StreamingModelMixin, cls), {"__module__": cls.__module__})
+    return type(
+        f"Streaming{cls.__name__}", (StreamingModelMixin, cls), {"__module__": cls.__module__}
+    )

@@ -74,10 +74,14 @@ def parse_device(value: str | torch.device | None) -> torch.device:
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError) as exc:
-        raise InvalidOptionError(f"device={value!r} is not a torch device ({exc}); use 'cpu' or 'cuda[:N]'.") from None
+        raise InvalidOptionError(
+            f"device={value!r} is not a torch device ({exc}); use 'cpu' or 'cuda[:N]'."
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise InvalidOptionError(f"device={value!r} asks for CUDA, but torch sees no CUDA device here.")
+            raise InvalidOptionError(
+                f"device={value!r} asks for CUDA, but torch sees no CUDA device here."
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise InvalidOptionError(
                 f"device={value!r}: only {torch.cuda.device_count()} CUDA device(s) are visible."
@@ -90,7 +94,9 @@ def parse_device(value: str | torch.device | None) -> torch.device:
 def parse_bytes(value: int | float | str, *, option: str = "max_memory") -> int:
     """Accept bytes as an int or strings like "6GiB", "500MB", "1.5 GB"."""
     if isinstance(value, bool):
-        raise InvalidOptionError(f"{option}={value!r} is not a size; use bytes or a string like '6GiB'.")
+        raise InvalidOptionError(
+            f"{option}={value!r} is not a size; use bytes or a string like '6GiB'."
+        )
     if isinstance(value, (int, float)):
         if value <= 0:
             raise InvalidOptionError(f"{option}={value!r} must be positive.")

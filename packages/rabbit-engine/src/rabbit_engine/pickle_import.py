@@ -37,7 +37,9 @@ def pickle_files(source) -> list[str]:
 def _load(path: str, name: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # weights_only refuses code objects: never fall back to a full unpickle
+    except (
+        Exception
+    ) as exc:  # weights_only refuses code objects: never fall back to a full unpickle
         raise InvalidCheckpointError(
             f"{name}: torch.load(weights_only=True) refused or failed to read it ({type(exc).__name__}: {exc}). "
             "It may contain code; RabbitLLM never unpickles arbitrary objects."
@@ -70,14 +72,18 @@ def convert_pickle_checkpoint(source, dest: Path) -> Path:
                 for key, tensor in state.items():
                     # safetensors refuses shared storage (tied weights): give each tensor its own.
                     ptr = tensor.untyped_storage().data_ptr()
-                    tensors[key] = tensor.contiguous().clone() if ptr in seen else tensor.contiguous()
+                    tensors[key] = (
+                        tensor.contiguous().clone() if ptr in seen else tensor.contiguous()
+                    )
                     seen.add(ptr)
                 out = Path(name).stem + ".safetensors"
                 save_file(tensors, str(work / out), metadata={"format": "pt"})
                 weight_map.update({key: out for key in tensors})
                 if path.startswith(str(work)):
                     os.remove(path)
-            (work / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+            (work / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": weight_map})
+            )
             for name in _COPIED:
                 if source.exists(name):
                     (work / name).write_bytes(source.read_bytes(name))

@@ -104,19 +104,28 @@ class Profiler:
         decode = steps[1:]
         per_step = summarize(decode or steps)
         # Background reads overlap compute; only what the compute thread waited for is exposed.
-        exposed = {"I/O (waiting for reads)": per_step["wait"], "compute": per_step["compute"],
-                   "convert": per_step["convert"], "copy to device": per_step["copy"]}
+        exposed = {
+            "I/O (waiting for reads)": per_step["wait"],
+            "compute": per_step["compute"],
+            "convert": per_step["convert"],
+            "copy to device": per_step["copy"],
+        }
         compute_text = f"compute {per_step['compute']:.3f}s"
         if "stalled" in per_step:
             exposed["compute"] = per_step["compute_cpu"]
             # Off-CPU time inside compute: the thread blocked in page faults (it read from storage
             # itself) or, with no faults, descheduled by other work on the machine.
-            stall = ("I/O in page faults (compute thread)" if per_step["fault_bytes"] > 0
-                     else "stalls (compute thread off CPU)")
+            stall = (
+                "I/O in page faults (compute thread)"
+                if per_step["fault_bytes"] > 0
+                else "stalls (compute thread off CPU)"
+            )
             exposed[stall] = per_step["stalled"]
-            compute_text += (f" (CPU {per_step['compute_cpu']:.3f}s, stalled {per_step['stalled']:.3f}s; "
-                             f"{per_step['fault_majors']:.0f} major faults, "
-                             f"{per_step['fault_bytes'] / 2**20:.1f} MiB read in faults)")
+            compute_text += (
+                f" (CPU {per_step['compute_cpu']:.3f}s, stalled {per_step['stalled']:.3f}s; "
+                f"{per_step['fault_majors']:.0f} major faults, "
+                f"{per_step['fault_bytes'] / 2**20:.1f} MiB read in faults)"
+            )
         bottleneck = max(exposed, key=exposed.get)
         return {
             "steps": len(steps),

@@ -62,7 +62,10 @@ class PageWarmer:
         if _libc is None or not self._cool:
             return
         for _, start, end, mapping in spans:
-            if mapping is not None and _libc.madvise(*self._range(mapping, start, end), MADV_COLD) != 0:
+            if (
+                mapping is not None
+                and _libc.madvise(*self._range(mapping, start, end), MADV_COLD) != 0
+            ):
                 self._cool = False  # kernels < 5.4
                 return
 

@@ -44,7 +44,9 @@ def build_skeleton(
 ) -> PreTrainedModel:
     """Instantiate `model_class` with meta parameters and real buffers, in eval mode."""
     with init_empty_weights(include_buffers=False):
-        model = model_class._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        model = model_class._from_config(
+            config, dtype=dtype, attn_implementation=attn_implementation
+        )
     _apply_dtype_plan(model, dtype)
     model.eval()
     model.requires_grad_(False)

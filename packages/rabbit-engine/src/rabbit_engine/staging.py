@@ -33,12 +33,17 @@ class CudaStager:
         self.device = device
         self.stream = torch.cuda.Stream(device)
         capacity = _aligned(max_layer_bytes) + _ALIGN * 64
-        self._buffers = [torch.empty(capacity, dtype=torch.uint8, pin_memory=True) for _ in range(max(slots, 1))]
+        self._buffers = [
+            torch.empty(capacity, dtype=torch.uint8, pin_memory=True) for _ in range(max(slots, 1))
+        ]
         self._in_flight: list[torch.cuda.Event | None] = [None] * len(self._buffers)
         self._next = 0
 
-    def stage(self, items: Sequence[tuple[str, memoryview, torch.dtype, tuple[int, ...], torch.dtype]],
-              profiler=None) -> StagedLayer:
+    def stage(
+        self,
+        items: Sequence[tuple[str, memoryview, torch.dtype, tuple[int, ...], torch.dtype]],
+        profiler=None,
+    ) -> StagedLayer:
         """Pack `(key, bytes, src dtype, shape, run dtype)` items, copy them to the GPU, cast there."""
         slot = self._next
         self._next = (self._next + 1) % len(self._buffers)

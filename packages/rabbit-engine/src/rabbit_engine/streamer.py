@@ -52,7 +52,9 @@ class LayerStreamer:
         self.profiler = profiler
         self.stager = stager
         self._pending: dict[int, Future] = {}
-        self._buffers: dict[int, bytearray] = {}  # remote layers: the pooled buffer each one occupies
+        self._buffers: dict[
+            int, bytearray
+        ] = {}  # remote layers: the pooled buffer each one occupies
         self._pool: BufferPool | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rabbit-prefetch")
         self._handles = []
@@ -62,16 +64,25 @@ class LayerStreamer:
         self._warming: dict[int, Future] = {}  # layer -> its read-ahead, waited for before it runs
         self._spans: dict[int, list[tuple[str, int, int, mmap.mmap | None]] | None] = {}
         self._cold = True  # until a pass that read nothing from disk says the files are cached
-        self._io = -1  # disk reads so far (major faults + input blocks); -1: read ahead on the first pass
-        self._first_streamed = min((i for i in range(self.num_layers) if i not in self.resident_layers), default=-1)
+        self._io = (
+            -1
+        )  # disk reads so far (major faults + input blocks); -1: read ahead on the first pass
+        self._first_streamed = min(
+            (i for i in range(self.num_layers) if i not in self.resident_layers), default=-1
+        )
         self._casts = weight_map.align or any(  # a copy per layer: worth the background thread
-            slot.src_dtype != slot.dtype for gid, g in weight_map.groups.items() if gid != RESIDENT for slot in g.slots
+            slot.src_dtype != slot.dtype
+            for gid, g in weight_map.groups.items()
+            if gid != RESIDENT
+            for slot in g.slots
         )
         self._loaded: set[int] = set()
         for i, layer in enumerate(layers):
             if i in self.resident_layers:
                 continue
-            self._handles.append(layer.register_forward_pre_hook(functools.partial(self._before, i)))
+            self._handles.append(
+                layer.register_forward_pre_hook(functools.partial(self._before, i))
+            )
             self._handles.append(layer.register_forward_hook(functools.partial(self._after, i)))
 
     # ---- loading -----------------------------------------------------------------------------
@@ -86,7 +97,9 @@ class LayerStreamer:
             else:
                 raw = self.reader.read(keys)
         with self.profiler.section("copy" if self.stager is not None else "convert"):
-            tensors, ready = self.weight_map.materialize(gid, raw, self.stager if streamed else None)
+            tensors, ready = self.weight_map.materialize(
+                gid, raw, self.stager if streamed else None
+            )
         return raw, tensors, ready
 
     def _assign(self, gid: int, fetched: tuple[Any, dict[str, torch.Tensor], Any]) -> None:
@@ -136,8 +149,11 @@ class LayerStreamer:
                     continue
                 originals.append(old)
                 data = old.detach().clone()
-                copies[id(old)] = (torch.nn.Parameter(data, requires_grad=False)
-                                   if isinstance(old, torch.nn.Parameter) else data)
+                copies[id(old)] = (
+                    torch.nn.Parameter(data, requires_grad=False)
+                    if isinstance(old, torch.nn.Parameter)
+                    else data
+                )
             # Every holder of a copied tensor (a tied head is not among the group's targets)
             for module in self.weight_map.model.modules():
                 for table in (module._parameters, module._buffers):

@@ -67,7 +67,11 @@ class Group:
 
     @property
     def name(self) -> str:
-        return "the resident parts (embeddings, norm, head)" if self.gid == RESIDENT else f"decoder layer {self.gid}"
+        return (
+            "the resident parts (embeddings, norm, head)"
+            if self.gid == RESIDENT
+            else f"decoder layer {self.gid}"
+        )
 
 
 def _owner(target: str, layers_prefix: str) -> int:
@@ -111,7 +115,9 @@ class WeightMap:
         covered: set[str] = set()
 
         for key, info in index.tensors.items():
-            target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
+            target, pattern = rename_source_key(
+                key, renamings, converters, model.base_model_prefix, meta_sd
+            )
             if target not in meta_sd and key in meta_sd:
                 target, pattern = key, None
             if target not in meta_sd:
@@ -119,13 +125,17 @@ class WeightMap:
                 continue
             group = self.groups[_owner(target, layers_prefix)]
             if group.gid >= num_layers:
-                raise WeightMismatchError(f"{info.file}: tensor {key!r} belongs to layer {group.gid}, "
-                                          f"but the config has {num_layers} layers.")
+                raise WeightMismatchError(
+                    f"{info.file}: tensor {key!r} belongs to layer {group.gid}, "
+                    f"but the config has {num_layers} layers."
+                )
             group.keys.append(key)
             if pattern is not None:
                 group.converted.append(key)
                 conv = by_pattern[pattern]
-                covered.update(target.replace(conv.target_patterns[0], t) for t in conv.target_patterns)
+                covered.update(
+                    target.replace(conv.target_patterns[0], t) for t in conv.target_patterns
+                )
                 continue
             covered.add(target)
             expected = meta_sd[target]
@@ -135,14 +145,29 @@ class WeightMap:
                     f"{list(expected.shape)} for {target!r}. Is config.json the one this checkpoint was saved with?"
                 )
             if info.dtype not in SAFETENSORS_DTYPES:
-                raise WeightMismatchError(f"{info.file}: tensor {key!r} has dtype {info.dtype}, which torch cannot load.")
+                raise WeightMismatchError(
+                    f"{info.file}: tensor {key!r} has dtype {info.dtype}, which torch cannot load."
+                )
             module, attr = _locate(model, target)
-            group.slots.append(Slot(key, target, module, attr, attr in module._buffers,
-                                    SAFETENSORS_DTYPES[info.dtype], tuple(info.shape), expected.dtype))
+            group.slots.append(
+                Slot(
+                    key,
+                    target,
+                    module,
+                    attr,
+                    attr in module._buffers,
+                    SAFETENSORS_DTYPES[info.dtype],
+                    tuple(info.shape),
+                    expected.dtype,
+                )
+            )
 
         if self.unexpected:
-            logger.warning("Ignoring %d checkpoint tensor(s) the model has no place for: %s",
-                           len(self.unexpected), ", ".join(self.unexpected[:8]))
+            logger.warning(
+                "Ignoring %d checkpoint tensor(s) the model has no place for: %s",
+                len(self.unexpected),
+                ", ".join(self.unexpected[:8]),
+            )
         for target, tensor in meta_sd.items():
             if not tensor.is_meta:
                 continue  # a real buffer computed by the model itself (rotary inv_freq...)
@@ -185,7 +210,9 @@ class WeightMap:
         """
         slots = self.groups[gid].slots
         if stager is not None:
-            staged = stager.stage([(s.key, raw[s.key], s.src_dtype, s.shape, s.dtype) for s in slots])
+            staged = stager.stage(
+                [(s.key, raw[s.key], s.src_dtype, s.shape, s.dtype) for s in slots]
+            )
             return staged.tensors, staged.ready
         out: dict[str, torch.Tensor] = {}
         for slot in slots:
@@ -201,7 +228,9 @@ class WeightMap:
             out[slot.key] = tensor
         return out, None
 
-    def assign(self, gid: int, tensors: Mapping[str, torch.Tensor], raw: Mapping[str, memoryview]) -> None:
+    def assign(
+        self, gid: int, tensors: Mapping[str, torch.Tensor], raw: Mapping[str, memoryview]
+    ) -> None:
         """Put the group's weights into the modules; converter keys go through transformers."""
         group = self.groups[gid]
         for slot in group.slots:
@@ -234,15 +263,22 @@ class WeightMap:
             info: TensorInfo = self.index.tensors[key]
             buf = raw[key]
             dtype = SAFETENSORS_DTYPES[info.dtype]
-            tensor = torch.frombuffer(buf, dtype=dtype).view(tuple(info.shape)) if len(buf) else torch.empty(
-                tuple(info.shape), dtype=dtype)
+            tensor = (
+                torch.frombuffer(buf, dtype=dtype).view(tuple(info.shape))
+                if len(buf)
+                else torch.empty(tuple(info.shape), dtype=dtype)
+            )
             if self.align and tensor.data_ptr() % ALIGNMENT:
                 tensor = tensor.clone()  # some conversions (renames, transposes) keep views
             state_dict[key] = tensor
-        config = LoadStateDictConfig(device_map={"": str(self.device)}, weight_mapping=self._mapping)
+        config = LoadStateDictConfig(
+            device_map={"": str(self.device)}, weight_mapping=self._mapping
+        )
         with _quiet_transformers():
             if "tp_plan" in inspect.signature(convert_and_load_state_dict_in_model).parameters:
-                convert_and_load_state_dict_in_model(self.model, state_dict, config, None)  # transformers 5.0.x
+                convert_and_load_state_dict_in_model(
+                    self.model, state_dict, config, None
+                )  # transformers 5.0.x
             else:
                 convert_and_load_state_dict_in_model(self.model, state_dict, config)
         still_meta = [t for t, (m, a, _) in group.targets.items() if getattr(m, a).is_meta]

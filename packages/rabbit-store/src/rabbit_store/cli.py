@@ -29,7 +29,9 @@ def parse_storage_options(pairs: Sequence[str] | None) -> dict[str, Any] | None:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise InvalidOptionError(f"--storage-option {pair!r}: expected key=value (e.g. endpoint_url=http://host:9000).")
+            raise InvalidOptionError(
+                f"--storage-option {pair!r}: expected key=value (e.g. endpoint_url=http://host:9000)."
+            )
         try:
             value: Any = json.loads(raw)
         except ValueError:
@@ -68,14 +70,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{info['location']}")
-    print(f"  files: {len(info['files'])}, tensors: {info['num_tensors']}, {_human(info['total_bytes'])}")
+    print(
+        f"  files: {len(info['files'])}, tensors: {info['num_tensors']}, {_human(info['total_bytes'])}"
+    )
     print(f"  dtypes: {', '.join(f'{d} x{n}' for d, n in info['dtypes'].items())}")
-    print(f"  layers: {info['num_layers']} under {info['layer_prefix']!r}; tied head: {'yes' if info['tied'] else 'no'}")
+    print(
+        f"  layers: {info['num_layers']} under {info['layer_prefix']!r}; tied head: {'yes' if info['tied'] else 'no'}"
+    )
     for part, value in info["parts"].items():
         if value["tensors"]:
             print(f"  {part}: {len(value['tensors'])} tensor(s), {_human(value['bytes'])}")
     for layer in info["layers"]:
-        print(f"  layer {layer['index']}: {layer['tensors']} tensors, {_human(layer['bytes'])} ({', '.join(layer['files'])})")
+        print(
+            f"  layer {layer['index']}: {layer['tensors']} tensors, {_human(layer['bytes'])} ({', '.join(layer['files'])})"
+        )
     return 0
 
 
@@ -92,18 +100,27 @@ def cmd_split(args: argparse.Namespace) -> int:
         **options,
     )
     if not args.quiet:
-        print(f"split {manifest.source} into {args.dest}: {manifest.num_layers} layers, {len(manifest.files)} files, {_human(manifest.total_size)}")
+        print(
+            f"split {manifest.source} into {args.dest}: {manifest.num_layers} layers, {len(manifest.files)} files, {_human(manifest.total_size)}"
+        )
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .split import verify_split
 
-    result = verify_split(args.dest, storage_options=parse_storage_options(args.storage_option), check_hashes=not args.no_hash)
+    result = verify_split(
+        args.dest,
+        storage_options=parse_storage_options(args.storage_option),
+        check_hashes=not args.no_hash,
+    )
     for name, problem in result.problems.items():
         print(f"CORRUPTED {name}: {problem}", file=sys.stderr)
     if result.problems:
-        print(f"{result.location}: {len(result.problems)} of {len(result.manifest.files)} file(s) failed verification; split it again.", file=sys.stderr)
+        print(
+            f"{result.location}: {len(result.problems)} of {len(result.manifest.files)} file(s) failed verification; split it again.",
+            file=sys.stderr,
+        )
         return EXIT_VERIFY_FAILED
     print(f"{result.location}: {len(result.manifest.files)} files OK")
     return 0
@@ -111,19 +128,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _add_common(parser: argparse.ArgumentParser, *, source: bool = True) -> None:
     parser.add_argument(
-        "--storage-option", action="append", metavar="KEY=VALUE",
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
         help="fsspec storage option (repeatable), e.g. endpoint_url=http://localhost:9000",
     )
     if source:
         parser.add_argument("--token", help="hub token (default: HF_TOKEN / the saved login)")
         parser.add_argument("--revision", help="hub branch, tag or commit")
-        parser.add_argument("--layer-prefix", help="decoder layer prefix, e.g. model.layers (default: inferred)")
+        parser.add_argument(
+            "--layer-prefix", help="decoder layer prefix, e.g. model.layers (default: inferred)"
+        )
 
 
 def add_subcommands(subparsers: Any) -> None:
     """Add inspect/split/verify to an argparse subparsers object; each sets `func`."""
-    p = subparsers.add_parser("inspect", help="show layers, tensors, dtypes and sizes of a checkpoint")
-    p.add_argument("source", help="local dir, org/name, hf://org/name, s3://bucket/prefix or fsspec URL")
+    p = subparsers.add_parser(
+        "inspect", help="show layers, tensors, dtypes and sizes of a checkpoint"
+    )
+    p.add_argument(
+        "source", help="local dir, org/name, hf://org/name, s3://bucket/prefix or fsspec URL"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_common(p)
     p.set_defaults(func=cmd_inspect)
@@ -131,13 +156,24 @@ def add_subcommands(subparsers: Any) -> None:
     p = subparsers.add_parser("split", help="write one safetensors file per layer (resumable)")
     p.add_argument("source")
     p.add_argument("dest", help="output directory: local path or fsspec URL (s3://...)")
-    p.add_argument("--delete-original", action="store_true", help="delete each source shard once all its layers are written and verified")
+    p.add_argument(
+        "--delete-original",
+        action="store_true",
+        help="delete each source shard once all its layers are written and verified",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.add_argument("--dest-storage-option", action="append", metavar="KEY=VALUE", help="storage option for DEST only (default: --storage-option)")
+    p.add_argument(
+        "--dest-storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="storage option for DEST only (default: --storage-option)",
+    )
     _add_common(p)
     p.set_defaults(func=cmd_split)
 
-    p = subparsers.add_parser("verify", help="check a split against its manifest (exit 1 if corrupted)")
+    p = subparsers.add_parser(
+        "verify", help="check a split against its manifest (exit 1 if corrupted)"
+    )
     p.add_argument("dest")
     p.add_argument("--no-hash", action="store_true", help="check sizes and headers only")
     _add_common(p, source=False)
@@ -156,7 +192,10 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rabbit-store", description="Index, inspect, split and verify safetensors checkpoints (no torch).")
+    parser = argparse.ArgumentParser(
+        prog="rabbit-store",
+        description="Index, inspect, split and verify safetensors checkpoints (no torch).",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-v", "--verbose", action="store_true", help="info logs")
     add_subcommands(parser.add_subparsers(dest="command", required=True))

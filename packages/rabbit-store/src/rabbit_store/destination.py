@@ -49,7 +49,9 @@ def write_all(handle: IO[bytes], data: bytes | memoryview) -> None:
 class Destination:
     """A directory on any fsspec filesystem that split files are written into."""
 
-    def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+    ) -> None:
         url = os.fspath(url)
         try:
             fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -92,7 +94,10 @@ class Destination:
     def sha256(self, name: str) -> str:
         """sha256 of a written file, streamed in large chunks."""
         digest = hashlib.sha256()
-        with storage_errors(f"{self.location}/{name}"), self.fs.open(self.path(name), "rb") as handle:
+        with (
+            storage_errors(f"{self.location}/{name}"),
+            self.fs.open(self.path(name), "rb") as handle,
+        ):
             while chunk := handle.read(HASH_CHUNK):
                 digest.update(chunk)
         return digest.hexdigest()
@@ -124,7 +129,10 @@ class Destination:
         """A binary file that appears under `name` only if the block completes."""
         final = self.path(name)
         if self.local:
-            temp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
+            temp = os.path.join(
+                os.path.dirname(final),
+                f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}",
+            )
             os.makedirs(os.path.dirname(final), exist_ok=True)
             try:
                 with open(temp, "wb", buffering=0) as handle:

@@ -44,7 +44,9 @@ def hub_offline() -> bool:
     huggingface_hub reads its environment once, at import; reading the variable again here lets a
     process (or a test, or a notebook) that sets it later still be honoured.
     """
-    return bool(hf_constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
+    return (
+        bool(hf_constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
+    )
 
 
 def hub_cache_dir(cache_dir: str | None = None) -> str:
@@ -150,7 +152,9 @@ class HubSource(Source):
                 )
         return self._paths[name]
 
-    def cat_ranges(self, names: Sequence[str], starts: Sequence[int], ends: Sequence[int]) -> list[bytes]:
+    def cat_ranges(
+        self, names: Sequence[str], starts: Sequence[int], ends: Sequence[int]
+    ) -> list[bytes]:
         out: list[bytes | None] = [None] * len(names)
         remote: list[int] = []
         for i, name in enumerate(names):
@@ -186,7 +190,9 @@ class HubCacheSource(FsspecSource):
     """A cached snapshot folder (offline): local files, hub-style location and deletion."""
 
     def __init__(self, repo_id: str, snapshot: str) -> None:
-        super().__init__(LocalFileSystem(), snapshot, location=f"hf://{repo_id}@{os.path.basename(snapshot)}")
+        super().__init__(
+            LocalFileSystem(), snapshot, location=f"hf://{repo_id}@{os.path.basename(snapshot)}"
+        )
         self.repo_id = repo_id
 
     def delete(self, name: str) -> None:
@@ -262,7 +268,9 @@ def open_hub(
     revision = revision or url_revision or "main"
     cache = hub_cache_dir(cache_dir)
     if hub_offline():
-        return HubCacheSource(repo_id, _cached_snapshot(repo_id, revision, cache, "HF_HUB_OFFLINE is set"))
+        return HubCacheSource(
+            repo_id, _cached_snapshot(repo_id, revision, cache, "HF_HUB_OFFLINE is set")
+        )
     try:
         with _hub_errors(f"hf://{repo_id}", repo_id, revision):
             info = huggingface_hub.HfApi(token=token).repo_info(

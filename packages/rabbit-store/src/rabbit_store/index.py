@@ -39,7 +39,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise IndexFileError(f"{INDEX_FILE}: key {key!r} appears twice; the index is ambiguous.")
+            raise IndexFileError(
+                f"{INDEX_FILE}: key {key!r} appears twice; the index is ambiguous."
+            )
         out[key] = value
     return out
 
@@ -115,7 +117,9 @@ class CheckpointIndex:
         manifest = _split_manifest(source)
         if manifest is not None:
             _check_sizes(source, manifest, sizes)
-        prefixes = source.cat_ranges(files, [0] * len(files), [min(LENGTH_BYTES, sizes[f]) for f in files])
+        prefixes = source.cat_ranges(
+            files, [0] * len(files), [min(LENGTH_BYTES, sizes[f]) for f in files]
+        )
         lengths = {
             f: parse_length(p, file=f"{source.location}/{f}", file_size=sizes[f])
             for f, p in zip(files, prefixes)
@@ -131,7 +135,9 @@ class CheckpointIndex:
         elif verify_checksums:
             logger.warning(
                 "%s has no %s: nothing to check sha256 against (only splits carry checksums); "
-                "sizes and headers were checked", source.location, MANIFEST_FILE,
+                "sizes and headers were checked",
+                source.location,
+                MANIFEST_FILE,
             )
 
         tensors: dict[str, TensorInfo] = {}
@@ -147,7 +153,13 @@ class CheckpointIndex:
                             f"{source.location}: {INDEX_FILE} maps {name!r} to {weight_map[name]} "
                             f"but it is also in {f}; the index and shards disagree: re-download them."
                         )
-                    logger.warning("%s: tensor %s in %s is not in %s; ignored", source.location, name, f, INDEX_FILE)
+                    logger.warning(
+                        "%s: tensor %s in %s is not in %s; ignored",
+                        source.location,
+                        name,
+                        f,
+                        INDEX_FILE,
+                    )
                     continue
                 tensors[name] = info
         if weight_map is not None:
@@ -179,7 +191,10 @@ class CheckpointIndex:
             "file_sizes": self.file_sizes,
             "file_metadata": self.file_metadata,
             "fingerprint": self.fingerprint,
-            "tensors": {n: [t.file, t.dtype, list(t.shape), t.offset, t.nbytes] for n, t in self.tensors.items()},
+            "tensors": {
+                n: [t.file, t.dtype, list(t.shape), t.offset, t.nbytes]
+                for n, t in self.tensors.items()
+            },
         }
 
     @classmethod
@@ -203,7 +218,9 @@ def _split_manifest(source: Source) -> Manifest | None:
     """The manifest of a finished split, or None for any other checkpoint."""
     if not source.exists(MANIFEST_FILE):
         return None
-    return Manifest.from_json(source.read_bytes(MANIFEST_FILE), where=f"{source.location}/{MANIFEST_FILE}")
+    return Manifest.from_json(
+        source.read_bytes(MANIFEST_FILE), where=f"{source.location}/{MANIFEST_FILE}"
+    )
 
 
 def _corrupted(source: Source, problems: dict[str, str]) -> SplitCorruptedError:
@@ -222,14 +239,19 @@ def _entries(manifest: Manifest, files: list[str]) -> list[tuple[str, FileEntry]
 def _check_sizes(source: Source, manifest: Manifest, sizes: dict[str, int]) -> None:
     problems = {
         f: f"{sizes[f]} bytes, but {e.size} in {MANIFEST_FILE} (truncated or overwritten)"
-        for f, e in _entries(manifest, list(sizes)) if sizes[f] != e.size
+        for f, e in _entries(manifest, list(sizes))
+        if sizes[f] != e.size
     }
     if problems:
         raise _corrupted(source, problems)
 
 
 def _check_headers(
-    source: Source, manifest: Manifest, files: list[str], prefixes: list[bytes], headers: list[bytes]
+    source: Source,
+    manifest: Manifest,
+    files: list[str],
+    prefixes: list[bytes],
+    headers: list[bytes],
 ) -> None:
     recorded = dict(_entries(manifest, files))
     problems = {}
@@ -260,7 +282,9 @@ def _no_checkpoint_message(source: Source) -> str:
         present = source.list_files()
     except Exception:  # noqa: BLE001 - only used to word the message better
         present = []
-    hint = "pass the directory (or repo) that holds model.safetensors or model.safetensors.index.json"
+    hint = (
+        "pass the directory (or repo) that holds model.safetensors or model.safetensors.index.json"
+    )
     if PARTIAL_MANIFEST_FILE in present:
         return (
             f"{source.location}: an unfinished split (it holds {PARTIAL_MANIFEST_FILE}, no "
@@ -273,5 +297,7 @@ def _no_checkpoint_message(source: Source) -> str:
             "it with transformers (model.save_pretrained(dir, safe_serialization=True))"
         )
     elif any(f.endswith(".safetensors") for f in present):
-        hint = "it holds .safetensors files but no model.safetensors.index.json naming them; add one"
+        hint = (
+            "it holds .safetensors files but no model.safetensors.index.json naming them; add one"
+        )
     return f"{source.location}: no {SINGLE_FILE} or {INDEX_FILE}; {hint}."

@@ -21,7 +21,9 @@ def describe(
     layer_prefix: str | None = None,
 ) -> dict[str, Any]:
     """Layers, tensors, dtypes, bytes and head tying of a checkpoint; reads headers only."""
-    src = open_source(source, revision=revision, token=token, storage_options=storage_options, cache_dir=cache_dir)
+    src = open_source(
+        source, revision=revision, token=token, storage_options=storage_options, cache_dir=cache_dir
+    )
     index = CheckpointIndex.load(src)
     plan = LayerPlan.from_index(index, layer_prefix)
     tensors = index.tensors
@@ -45,11 +47,22 @@ def describe(
             )
         },
         "layers": [
-            {"index": i, "tensors": len(names), "bytes": plan.nbytes(names), "files": sorted({tensors[n].file for n in names})}
+            {
+                "index": i,
+                "tensors": len(names),
+                "bytes": plan.nbytes(names),
+                "files": sorted({tensors[n].file for n in names}),
+            }
             for i, names in enumerate(plan.layers)
         ],
         "tensors": [
-            {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes, "file": t.file}
+            {
+                "name": t.name,
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "bytes": t.nbytes,
+                "file": t.file,
+            }
             for t in tensors.values()
         ],
     }

@@ -91,7 +91,9 @@ class Manifest:
             if raw.get("format") != FORMAT:
                 raise ValueError(f"format is {raw.get('format')!r}, not {FORMAT!r}")
             if raw.get("version") not in READABLE_VERSIONS:
-                raise ValueError(f"version {raw.get('version')!r} is not one of {READABLE_VERSIONS} (newer rabbit-store?)")
+                raise ValueError(
+                    f"version {raw.get('version')!r} is not one of {READABLE_VERSIONS} (newer rabbit-store?)"
+                )
             files = [FileEntry(**entry) for entry in raw.pop("files")]
             if raw["version"] == 1 and any(f.header_sha256 for f in files):
                 raise ValueError("version 1 manifests have no header_sha256")

@@ -21,8 +21,17 @@ _NUMBERED = re.compile(r"^(.+?)\.(\d+)\.")
 #: Module names of token/position embeddings across the common families (llama, gpt2, neox,
 #: chatglm, bloom, falcon, opt, ...). Matched as whole dotted segments.
 EMBEDDING_MODULES = frozenset(
-    {"embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "tok_embeddings", "embed_positions",
-     "position_embeddings", "word_embeddings_layernorm"}
+    {
+        "embed_tokens",
+        "wte",
+        "wpe",
+        "word_embeddings",
+        "embed_in",
+        "tok_embeddings",
+        "embed_positions",
+        "position_embeddings",
+        "word_embeddings_layernorm",
+    }
 )
 #: Final-norm module names; matched only directly under the parent of the layer prefix
 #: (`model.norm` for `model.layers`), so a vision tower's norms are not taken for it.

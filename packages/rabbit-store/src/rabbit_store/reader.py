@@ -32,7 +32,9 @@ PART_BYTES = 16 * 1024 * 1024
 PREFETCH_SLOTS = 2
 
 
-def coalesce(infos: Sequence[TensorInfo], gap: int = COALESCE_GAP, part: int = PART_BYTES) -> list[tuple[str, int, int]]:
+def coalesce(
+    infos: Sequence[TensorInfo], gap: int = COALESCE_GAP, part: int = PART_BYTES
+) -> list[tuple[str, int, int]]:
     """(file, start, end) reads covering `infos`: neighbours merged, long runs cut into parts."""
     runs: list[list[Any]] = []
     for info in sorted(infos, key=lambda t: (t.file, t.offset)):
@@ -69,7 +71,9 @@ class LayerReader:
         self._maps: dict[str, mmap.mmap | None] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: OrderedDict[tuple[str, ...], Future[dict[str, bytes | memoryview]]] = OrderedDict()
+        self._pending: OrderedDict[tuple[str, ...], Future[dict[str, bytes | memoryview]]] = (
+            OrderedDict()
+        )
         self._closed = False
 
     # -- mapping ---------------------------------------------------------------------------------
@@ -107,7 +111,9 @@ class LayerReader:
     def _fetch(self, infos: Sequence[TensorInfo]) -> dict[str, memoryview]:
         """Read remote tensors with coalesced, concurrent range requests."""
         parts = coalesce(infos)
-        chunks = self.source.cat_ranges([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts])
+        chunks = self.source.cat_ranges(
+            [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts]
+        )
         out: dict[str, memoryview] = {}
         for info in infos:
             pieces = [

@@ -58,8 +58,15 @@ class RemoteLock:
 
     def _body(self) -> bytes:
         self._count += 1
-        return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                           "beat": self._count, "time": time.time()}).encode()
+        return json.dumps(
+            {
+                "token": self.token,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "beat": self._count,
+                "time": time.time(),
+            }
+        ).encode()
 
     def _holder(self) -> dict[str, Any] | None:
         try:
@@ -81,8 +88,11 @@ class RemoteLock:
             except FileExistsError:
                 pass
             except (ValueError, NotImplementedError, TypeError) as exc:  # mode "x" not supported
-                logger.info("%s: no exclusive create (%s): no lock; do not run two splits into it at once",
-                            self.location, exc)
+                logger.info(
+                    "%s: no exclusive create (%s): no lock; do not run two splits into it at once",
+                    self.location,
+                    exc,
+                )
                 return False
             holder = self._holder()
             if holder is None:
@@ -92,8 +102,13 @@ class RemoteLock:
             if seen is None or seen[0] != content:
                 seen = (content, now)
             elif now - seen[1] >= self.stale_after:
-                logger.warning("%s: taking over a stale split lock (unchanged for %.0f s; written by %s pid %s)",
-                               self.location, now - seen[1], holder.get("host"), holder.get("pid"))
+                logger.warning(
+                    "%s: taking over a stale split lock (unchanged for %.0f s; written by %s pid %s)",
+                    self.location,
+                    now - seen[1],
+                    holder.get("host"),
+                    holder.get("pid"),
+                )
                 try:
                     self.fs.rm_file(self.path)
                 except FileNotFoundError:
@@ -101,12 +116,18 @@ class RemoteLock:
                 seen = None
                 continue
             if not told:
-                logger.info("%s: another split is writing here (host %s pid %s); waiting for it",
-                            self.location, holder.get("host"), holder.get("pid"))
+                logger.info(
+                    "%s: another split is writing here (host %s pid %s); waiting for it",
+                    self.location,
+                    holder.get("host"),
+                    holder.get("pid"),
+                )
                 told = True
             time.sleep(self.poll)
         self.held = True
-        self._beat = threading.Thread(target=self._keep_alive, name="rabbit-split-lock", daemon=True)
+        self._beat = threading.Thread(
+            target=self._keep_alive, name="rabbit-split-lock", daemon=True
+        )
         self._beat.start()
         return True
 
@@ -114,7 +135,9 @@ class RemoteLock:
         while not self._stop.wait(self.heartbeat):
             holder = self._holder()
             if not holder or holder.get("token") != self.token:
-                logger.warning("%s: the split lock was taken over by another process", self.location)
+                logger.warning(
+                    "%s: the split lock was taken over by another process", self.location
+                )
                 return
             try:
                 self.fs.pipe_file(self.path, self._body())

@@ -137,7 +137,9 @@ def parse_header(
     try:
         raw = json.loads(header.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except HeaderError as exc:
-        raise HeaderError(f"{file}: header has a {exc}; the file is corrupt: re-download it.") from None
+        raise HeaderError(
+            f"{file}: header has a {exc}; the file is corrupt: re-download it."
+        ) from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         # RecursionError: JSON nested thousands deep (no real header is nested more than 3 levels).
         raise HeaderError(
@@ -163,7 +165,9 @@ def parse_header(
     for name, entry in raw.items():
         where = f"{file}: tensor {_short(name)}"
         if not isinstance(entry, dict):
-            raise HeaderError(f"{where}: entry is not an object; the file is corrupt: re-download it.")
+            raise HeaderError(
+                f"{where}: entry is not an object; the file is corrupt: re-download it."
+            )
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise HeaderError(

@@ -51,7 +51,9 @@ def default_remote_cache_dir() -> str:
     """Where `local_cache=True` keeps blocks of remote files: `remote/` under RabbitLLM's cache
     ($RABBITLLM_CACHE, else $XDG_CACHE_HOME/rabbitllm, else ~/.cache/rabbitllm), read at call time."""
     base = os.environ.get("RABBITLLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "rabbitllm")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "rabbitllm",
+    )
     return os.path.join(base, "remote")
 
 
@@ -130,26 +132,38 @@ RETRY_BASE_DELAY = 0.25
 RETRY_MAX_DELAY = 8.0
 #: errno values a backend uses for a failure worth retrying (s3fs: 503 SlowDown -> EBUSY, 500 ->
 #: EREMOTEIO; sockets: resets, timeouts).
-TRANSIENT_ERRNOS = frozenset({
-    errno.EBUSY, errno.EREMOTEIO, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
-    errno.EAGAIN,
-})
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EBUSY,
+        errno.EREMOTEIO,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ETIMEDOUT,
+        errno.EPIPE,
+        errno.EAGAIN,
+    }
+)
 #: Connection-level exception types of the HTTP clients fsspec backends use, looked up only when
 #: that client is already imported (it raised the error, so it is).
 _CLIENT_ERRORS = (
     ("aiohttp", ("ClientConnectionError", "ClientPayloadError", "ServerTimeoutError")),
     ("httpx", ("TransportError",)),
     ("requests", ("ConnectionError", "Timeout")),
-    ("botocore.exceptions",
-     ("HTTPClientError", "ConnectionError", "ReadTimeoutError", "ResponseStreamingError")),
+    (
+        "botocore.exceptions",
+        ("HTTPClientError", "ConnectionError", "ReadTimeoutError", "ResponseStreamingError"),
+    ),
 )
 
 T = TypeVar("T")
 
 
 def _status_code(exc: BaseException) -> int | None:
-    for value in (getattr(exc, "status", None), getattr(exc, "status_code", None),
-                  getattr(getattr(exc, "response", None), "status_code", None)):
+    for value in (
+        getattr(exc, "status", None),
+        getattr(exc, "status_code", None),
+        getattr(getattr(exc, "response", None), "status_code", None),
+    ):
         if isinstance(value, int):
             return value
     return None
@@ -192,10 +206,17 @@ def with_retries(what: str, call: Callable[[], T]) -> T:
                         f"{what}: {type(exc).__name__}: {exc} (still failing after {READ_ATTEMPTS} "
                         "attempts); check the network and the storage service, then retry."
                     ) from exc
-                delay = min(RETRY_MAX_DELAY, RETRY_BASE_DELAY * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+                delay = min(
+                    RETRY_MAX_DELAY, RETRY_BASE_DELAY * 2 ** (attempt - 1)
+                ) * random.uniform(0.5, 1.5)
                 logger.warning(
                     "%s: %s: %s; retrying in %.3f s (attempt %d of %d)",
-                    what, type(exc).__name__, exc, delay, attempt + 1, READ_ATTEMPTS,
+                    what,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                    attempt + 1,
+                    READ_ATTEMPTS,
                 )
                 time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
@@ -221,7 +242,9 @@ class Source(ABC):
     def size(self, name: str) -> int: ...
 
     @abstractmethod
-    def cat_ranges(self, names: Sequence[str], starts: Sequence[int], ends: Sequence[int]) -> list[bytes]:
+    def cat_ranges(
+        self, names: Sequence[str], starts: Sequence[int], ends: Sequence[int]
+    ) -> list[bytes]:
         """Bytes [start, end) of each named file; backends read the ranges concurrently."""
 
     @abstractmethod
@@ -286,13 +309,16 @@ class FsspecSource(Source):
         path = self._path(name)
         return int(with_retries(f"{self.location}/{name}", lambda: self.fs.size(path)))
 
-    def cat_ranges(self, names: Sequence[str], starts: Sequence[int], ends: Sequence[int]) -> list[bytes]:
+    def cat_ranges(
+        self, names: Sequence[str], starts: Sequence[int], ends: Sequence[int]
+    ) -> list[bytes]:
         if not names:
             return []
         paths = [self._path(n) for n in names]
         what = f"{self.location} ({', '.join(sorted(set(names)))})"
         return with_retries(
-            what, lambda: list(self.fs.cat_ranges(paths, list(starts), list(ends), on_error="raise"))
+            what,
+            lambda: list(self.fs.cat_ranges(paths, list(starts), list(ends), on_error="raise")),
         )
 
     def read_bytes(self, name: str) -> bytes:
@@ -348,7 +374,11 @@ def _open_fsspec(
     if local_cache and not isinstance(fs, LocalFileSystem):
         # fsspec's CachingFileSystem ("blockcache") keeps the blocks we read in sparse local files,
         # so a second pass over the same layers reads local disk; no need to write our own cache.
-        storage = cache_dir or default_remote_cache_dir() if local_cache is True else os.fspath(local_cache)
+        storage = (
+            cache_dir or default_remote_cache_dir()
+            if local_cache is True
+            else os.fspath(local_cache)
+        )
         fs = fsspec.filesystem("blockcache", fs=fs, cache_storage=storage, check_files=False)
         logger.info("caching blocks of %s under %s", display, storage)
     source = FsspecSource(fs, root, location=display)
@@ -413,7 +443,11 @@ def open_source(
     scheme = match.group(1).lower() if match and match.group(2) == "://" else ""
     if match and match.group(2) == "::":
         scheme = "chained"  # e.g. blockcache::s3://... : fsspec resolves the chain
-    if not scheme and not os.path.exists(os.path.expanduser(location)) and HUB_REPO_ID.match(location):
+    if (
+        not scheme
+        and not os.path.exists(os.path.expanduser(location))
+        and HUB_REPO_ID.match(location)
+    ):
         scheme = "hf"
     if scheme not in ("hf", "") and token is not None:
         logger.debug("token= is for hub repos; ignored for %s", display_url(location))

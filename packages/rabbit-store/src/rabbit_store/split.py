@@ -21,8 +21,8 @@ import json
 import logging
 import mmap
 import os
-from collections.abc import Iterator, Sequence
 from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -38,12 +38,11 @@ from .errors import (
     RabbitError,
     ShardNotFoundError,
     SplitCorruptedError,
-    SplitError,
 )
 from .index import INDEX_FILE, CheckpointIndex
 from .manifest import MANIFEST_FILE, PARTIAL_MANIFEST_FILE, FileEntry, Manifest
 from .plan import LayerPlan
-from .reader import PART_BYTES, coalesce
+from .reader import PART_BYTES
 from .safetensors_header import LENGTH_BYTES, TensorInfo, build_header, parse_header, parse_length
 from .sources import FsspecSource, Source, open_source, storage_errors
 
@@ -113,7 +112,9 @@ def _header_digest(dest: Destination, entry: FileEntry) -> str:
     """sha256 of a written file's length prefix and JSON header."""
     head = dest.read_bytes(entry.name, 0, min(entry.size, LENGTH_BYTES))
     length = parse_length(head, file=entry.name, file_size=entry.size)
-    return hashlib.sha256(head + dest.read_bytes(entry.name, LENGTH_BYTES, LENGTH_BYTES + length)).hexdigest()
+    return hashlib.sha256(
+        head + dest.read_bytes(entry.name, LENGTH_BYTES, LENGTH_BYTES + length)
+    ).hexdigest()
 
 
 def _check_file(dest: Destination, entry: FileEntry, *, check_hash: bool = True) -> str | None:
@@ -162,7 +163,11 @@ def verify_split(
     target = Destination(dest, storage_options)
     manifest = _read_manifest(target, MANIFEST_FILE)
     if manifest is None:
-        partial = " (a split into it is unfinished: rerun it)" if target.exists(PARTIAL_MANIFEST_FILE) else ""
+        partial = (
+            " (a split into it is unfinished: rerun it)"
+            if target.exists(PARTIAL_MANIFEST_FILE)
+            else ""
+        )
         raise ManifestNotFoundError(
             f"{target.location}: no {MANIFEST_FILE}{partial}; it is not a finished split: run "
             "`rabbit-store split SRC DST` first."
@@ -209,7 +214,9 @@ class _Splitter:
         self._carried = {e.name: e for e in previous.files if e.part != "aux"} if previous else {}
         self._fds: dict[str, int] = {}
         self._maps: dict[str, mmap.mmap] = {}
-        self._hasher_pool = ThreadPoolExecutor(max_workers=HASH_WORKERS, thread_name_prefix="rabbit-sha256")
+        self._hasher_pool = ThreadPoolExecutor(
+            max_workers=HASH_WORKERS, thread_name_prefix="rabbit-sha256"
+        )
 
     # -- source access -------------------------------------------------------------------------
     def _local(self, file: str) -> tuple[int, mmap.mmap]:
@@ -234,13 +241,26 @@ class _Splitter:
                 for s in range(start, end, WRITE_CHUNK):
                     yield memoryview(mapped)[s : min(s + WRITE_CHUNK, end)]
             return
-        parts = [(f, s, min(s + PART_BYTES, e)) for f, start, e in runs for s in range(start, e, PART_BYTES)]
+        parts = [
+            (f, s, min(s + PART_BYTES, e))
+            for f, start, e in runs
+            for s in range(start, e, PART_BYTES)
+        ]
         for i in range(0, len(parts), REMOTE_BATCH_PARTS):
             batch = parts[i : i + REMOTE_BATCH_PARTS]
-            yield from self.source.cat_ranges([p[0] for p in batch], [p[1] for p in batch], [p[2] for p in batch])
+            yield from self.source.cat_ranges(
+                [p[0] for p in batch], [p[1] for p in batch], [p[2] for p in batch]
+            )
 
     # -- writing -------------------------------------------------------------------------------
-    def _write_fast(self, handle: IO[bytes], position: int, runs: Sequence[tuple[str, int, int]], digest: Any, bar: tqdm) -> Future[str]:
+    def _write_fast(
+        self,
+        handle: IO[bytes],
+        position: int,
+        runs: Sequence[tuple[str, int, int]],
+        digest: Any,
+        bar: tqdm,
+    ) -> Future[str]:
         """copy_file_range in the kernel while a hashing thread reads the same source pages.
 
         Returns the sha256 as a future: the next file's copy starts while this hash finishes.
@@ -262,7 +282,9 @@ class _Splitter:
             raise
         return hashing
 
-    def _write_group(self, name: str, infos: list[TensorInfo], header: bytes, bar: tqdm) -> Future[str]:
+    def _write_group(
+        self, name: str, infos: list[TensorInfo], header: bytes, bar: tqdm
+    ) -> Future[str]:
         """Write one split file; its sha256 may still be computing when this returns."""
         runs = source_runs(infos)
         digest = hashlib.sha256(header)
@@ -288,7 +310,9 @@ class _Splitter:
         return build_header(infos, {"format": fmt}, data_start=(PAGE, best[1] % PAGE))
 
     def _save_progress(self) -> None:
-        record = Manifest(**{**vars(self.manifest), "files": self.manifest.files + list(self._carried.values())})
+        record = Manifest(
+            **{**vars(self.manifest), "files": self.manifest.files + list(self._carried.values())}
+        )
         self.dest.write_bytes(PARTIAL_MANIFEST_FILE, record.to_json().encode())
 
     def _reuse(self, planned: FileEntry) -> FileEntry | None:
@@ -304,7 +328,9 @@ class _Splitter:
             old.header_sha256 = _header_digest(self.dest, old)
         return old
 
-    def _finish(self, entry: FileEntry, sha256: Future[str] | None, pending: dict[str, set[str]]) -> None:
+    def _finish(
+        self, entry: FileEntry, sha256: Future[str] | None, pending: dict[str, set[str]]
+    ) -> None:
         """Record a written (or reused) file in the resume record; delete drained shards."""
         if sha256 is not None:
             entry.sha256 = sha256.result()
@@ -322,7 +348,9 @@ class _Splitter:
             self._delete_done_shards(pending, entry.name)
 
     @contextlib.contextmanager
-    def _record_on_failure(self, in_flight: deque[tuple[FileEntry, Future[str] | None]]) -> Iterator[None]:
+    def _record_on_failure(
+        self, in_flight: deque[tuple[FileEntry, Future[str] | None]]
+    ) -> Iterator[None]:
         """If the run fails, still record the files already written whole (their hashes finish),
         so that a rerun does not write them again."""
         try:
@@ -337,7 +365,10 @@ class _Splitter:
             in_flight.clear()
             try:
                 self._save_progress()
-            except (OSError, RabbitError) as exc:  # a full disk may refuse this too: keep the first error
+            except (
+                OSError,
+                RabbitError,
+            ) as exc:  # a full disk may refuse this too: keep the first error
                 logger.warning("could not record progress in %s: %s", self.dest.location, exc)
             raise
 
@@ -357,14 +388,23 @@ class _Splitter:
         pending: dict[str, set[str]] = {}
         for part, layer, names in groups:
             for name in names:
-                pending.setdefault(self.index.tensors[name].file, set()).add(layer_file_name(part, layer))
+                pending.setdefault(self.index.tensors[name].file, set()).add(
+                    layer_file_name(part, layer)
+                )
 
         total = sum(self.plan.nbytes(names) for _, _, names in groups)
         self._save_progress()  # before anything else: the resume record must outlive rabbit-split.json
         self.dest.remove(MANIFEST_FILE)  # unfinished again until the new one is written
         in_flight: deque[tuple[FileEntry, Future[str] | None]] = deque()
         with (
-            tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="split", disable=not self.progress) as bar,
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc="split",
+                disable=not self.progress,
+            ) as bar,
             self._record_on_failure(in_flight),
         ):
             for part, layer, names in groups:
@@ -372,8 +412,12 @@ class _Splitter:
                 infos = output_order([self.index.tensors[n] for n in names])
                 header = self._header(infos)
                 entry = FileEntry(
-                    name=name, part=part, layer=layer, size=len(header) + sum(i.nbytes for i in infos),
-                    sha256="", tensors=[i.name for i in infos],
+                    name=name,
+                    part=part,
+                    layer=layer,
+                    size=len(header) + sum(i.nbytes for i in infos),
+                    sha256="",
+                    tensors=[i.name for i in infos],
                     header_sha256=hashlib.sha256(header).hexdigest(),
                 )
                 reused = self._reuse(entry)
@@ -388,7 +432,10 @@ class _Splitter:
             while in_flight:
                 self._finish(*in_flight.popleft(), pending)
         self._copy_aux()
-        index = {"metadata": {"total_size": self.index.nbytes, "format": "rabbit-split"}, "weight_map": self.manifest.weight_map()}
+        index = {
+            "metadata": {"total_size": self.index.nbytes, "format": "rabbit-split"},
+            "weight_map": self.manifest.weight_map(),
+        }
         self.dest.write_bytes(INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
         self.manifest.complete = True
         self.dest.write_bytes(MANIFEST_FILE, self.manifest.to_json().encode())
@@ -403,7 +450,9 @@ class _Splitter:
             data = self.source.read_bytes(name)
             self.dest.write_bytes(name, data)
             self.manifest.files.append(
-                FileEntry(name=name, part="aux", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+                FileEntry(
+                    name=name, part="aux", size=len(data), sha256=hashlib.sha256(data).hexdigest()
+                )
             )
 
     def _release(self, file: str) -> None:
@@ -439,11 +488,19 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int, dst_offset: i
             if done == 0:
                 raise OSError(errno.EIO, f"unexpected end of source file at offset {offset}")
         except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+            if exc.errno not in (
+                errno.EXDEV,
+                errno.ENOSYS,
+                errno.EINVAL,
+                errno.EOPNOTSUPP,
+                errno.ENOTSUP,
+            ):
                 raise
             data = os.pread(src_fd, min(count, WRITE_CHUNK), offset)
             if not data:
-                raise OSError(errno.EIO, f"unexpected end of source file at offset {offset}") from exc
+                raise OSError(
+                    errno.EIO, f"unexpected end of source file at offset {offset}"
+                ) from exc
             done = os.pwrite(dst_fd, data, dst_offset)
         offset += done
         dst_offset += done
@@ -464,7 +521,9 @@ def _load_index(source: Source, previous: Manifest | None) -> CheckpointIndex:
                 not source.exists(file) or source.size(file) != index.file_sizes[file]
             ):
                 raise
-        logger.info("resuming: shards %s were deleted by the interrupted split", previous.deleted_shards)
+        logger.info(
+            "resuming: shards %s were deleted by the interrupted split", previous.deleted_shards
+        )
         return index
 
 
@@ -488,8 +547,12 @@ def split_checkpoint(
     Reruns skip files already written and verified. `delete_original=True` deletes each source
     shard once every file drawing from it is written and verified.
     """
-    src = open_source(source, revision=revision, token=token, storage_options=storage_options, cache_dir=cache_dir)
-    dst = Destination(dest, storage_options if dest_storage_options is None else dest_storage_options)
+    src = open_source(
+        source, revision=revision, token=token, storage_options=storage_options, cache_dir=cache_dir
+    )
+    dst = Destination(
+        dest, storage_options if dest_storage_options is None else dest_storage_options
+    )
     if (
         dst.local
         and isinstance(src, FsspecSource)
@@ -511,11 +574,15 @@ def split_checkpoint(
         index = checked if checked is not None else _load_index(src, previous)
         if previous is not None and previous.source_fingerprint != index.fingerprint:
             logger.warning(
-                "%s holds a split of another checkpoint (%s); overwriting it", dst.location, previous.source
+                "%s holds a split of another checkpoint (%s); overwriting it",
+                dst.location,
+                previous.source,
             )
             previous = None
         plan = LayerPlan.from_index(index, layer_prefix)
-        splitter = _Splitter(src, index, plan, dst, previous, progress=progress, delete_original=delete_original)
+        splitter = _Splitter(
+            src, index, plan, dst, previous, progress=progress, delete_original=delete_original
+        )
         try:
             # an OSError here is the destination's (a full disk) or the source's: one clear
             # StorageError either way; the files written so far stay recorded for a rerun

@@ -66,7 +66,9 @@ class AutoModel:
         float32 ulps on the logits, the same tokens).
         """
         if hf_token is not None:
-            warnings.warn("hf_token= is deprecated; pass token= instead.", FutureWarning, stacklevel=2)
+            warnings.warn(
+                "hf_token= is deprecated; pass token= instead.", FutureWarning, stacklevel=2
+            )
             token = token or hf_token
         if "torch_dtype" in kwargs:
             dtype = dtype or kwargs.pop("torch_dtype")
@@ -74,14 +76,22 @@ class AutoModel:
             raise InvalidOptionError(
                 f"AutoModel.from_pretrained got unknown option(s): {', '.join(sorted(kwargs))}."
             )
-        src = open_source(source, revision=revision, token=token, storage_options=storage_options,
-                          local_cache=local_cache)
+        src = open_source(
+            source,
+            revision=revision,
+            token=token,
+            storage_options=storage_options,
+            local_cache=local_cache,
+        )
         config = load_config(src, trust_remote_code=trust_remote_code)
         weights_src = src
         if layers_path is not None:
-            weights_src = open_source(layers_path, token=token, storage_options=storage_options,
-                                      local_cache=local_cache)
-        weights_src, index = _index(weights_src, allow_pickle=allow_pickle, revision=revision, verify=verify)
+            weights_src = open_source(
+                layers_path, token=token, storage_options=storage_options, local_cache=local_cache
+            )
+        weights_src, index = _index(
+            weights_src, allow_pickle=allow_pickle, revision=revision, verify=verify
+        )
         return load_streaming_model(
             weights_src,
             config=config,

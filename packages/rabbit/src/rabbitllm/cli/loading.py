@@ -77,8 +77,9 @@ def load_tokenizer(source: Any, *, trust_remote_code: bool = False) -> Any:
 
 
 def _from_dir(folder: str, location: str, trust_remote_code: bool) -> Any:
-    from rabbit_store.errors import RabbitError
     from transformers import AutoTokenizer
+
+    from rabbit_store.errors import RabbitError
 
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
