@@ -22,7 +22,7 @@ import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-import rabbit_store.sources as sources
+import rabbit_store.sources.retry as retry
 from rabbit_store import CheckpointIndex, LayerPlan, LayerReader, open_source, split_checkpoint
 from rabbit_store.errors import AccessDeniedError, CheckpointNotFoundError, StorageError
 from tests.store.store_helpers import (
@@ -101,9 +101,8 @@ def flaky(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> Iterator[tuple[str, Checkpoint]]:
     fsspec.register_implementation("rabbitflaky", FlakyFS, clobber=True)
-    monkeypatch.setattr(
-        sources, "RETRY_BASE_DELAY", 0.01
-    )  # keep the test fast; the schedule is the same
+    # keep the test fast; the schedule is the same
+    monkeypatch.setattr(retry, "RETRY_BASE_DELAY", 0.01)
     tensors = model_tensors(num_layers=4)
     checkpoint = write_checkpoint(tmp_path / "src", tensors, odd_shards(tensors))
     root = f"/flaky-{abs(hash(request.node.nodeid))}"
@@ -178,7 +177,7 @@ def test_a_persistent_failure_gives_up_and_names_the_file(flaky, caplog: pytest.
     )
     with caplog.at_level("WARNING", logger="rabbit_store"), pytest.raises(StorageError) as err:
         LayerReader(source, index).read(LayerPlan.from_index(index).layers[3])
-    assert FlakyFS.calls == sources.READ_ATTEMPTS == 5
+    assert FlakyFS.calls == retry.READ_ATTEMPTS == 5
     message = str(err.value)
     assert url in message and "part_7.bin.safetensors" in message
     assert "after 5 attempts" in message and "ConnectionResetError" in message

@@ -1,4 +1,7 @@
-"""Fixtures of the rabbit-store tests: small checkpoints. (The moto S3 fixtures are in tests/conftest.py.)"""
+"""Fixtures of the rabbit-store tests: small checkpoints.
+
+(The moto S3 fixtures are in tests/conftest.py.)
+"""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from rabbit_store import split_checkpoint, verify_split
-from rabbit_store.destination import LOCK_FILE
+from rabbit_store.constants import SPLIT_LOCK_FILE as LOCK_FILE
 from rabbit_store.remote_lock import RemoteLock
 
 from .store_helpers import Checkpoint

@@ -133,7 +133,8 @@ def test_structural_mutations_of_a_valid_header(data):
 
 
 class RecordingFS(MemoryFileSystem):
-    """memory:// that records every range asked of it (the test's window on what the store reads)."""
+    """memory:// that records every range asked of it (the test's window on what the store
+    reads)."""
 
     protocol = ("rabbitfuzz",)
     cachable = False
@@ -144,7 +145,7 @@ class RecordingFS(MemoryFileSystem):
         self._batched = False
 
     def cat_ranges(self, paths, starts, ends, **kwargs):
-        self.ranges.extend(zip(paths, starts, ends))
+        self.ranges.extend(zip(paths, starts, ends, strict=True))
         self._batched = True  # the base class serves a batch through cat_file: record it once
         try:
             return super().cat_ranges(paths, starts, ends, **kwargs)

@@ -106,7 +106,8 @@ def test_bad_headers_are_refused_with_a_reason(blob: bytes, message: str):
 
 
 def test_duplicate_keys_refused():
-    body = b'{"t":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"t":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}'
+    entry = b'{"dtype":"U8","shape":[1],"data_offsets":[0,1]}'
+    body = b'{"t":' + entry + b',"t":' + entry + b"}"
     with pytest.raises(HeaderError, match="duplicate key 't'"):
         parse(struct.pack("<Q", len(body)) + body + b"\0")
 

@@ -13,7 +13,7 @@ import pytest
 
 from rabbit_store import CheckpointIndex, LayerPlan, LayerReader, open_source, split_checkpoint
 from rabbit_store.errors import CheckpointNotFoundError, InvalidOptionError, ShardNotFoundError
-from rabbit_store.hub import HubCacheSource, HubSource
+from rabbit_store.sources.hub import HubCacheSource, HubSource
 
 from .store_helpers import COMMIT, Checkpoint, make_hub_cache, sha256_file, tensors_of
 
@@ -143,7 +143,7 @@ class FakeHub:
         class FS:
             def cat_ranges(self, paths, starts, ends, on_error="raise"):
                 out = []
-                for path, start, end in zip(paths, starts, ends):
+                for path, start, end in zip(paths, starts, ends, strict=True):
                     name = path.split("@", 1)[1].split("/", 1)[1]
                     fake.range_reads.append(name)
                     out.append((fake.checkpoint / name).read_bytes()[start:end])

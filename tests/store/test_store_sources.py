@@ -8,7 +8,7 @@ import pytest
 
 from rabbit_store import FsspecSource, open_source, register_opener
 from rabbit_store.errors import CheckpointNotFoundError, InvalidCheckpointError, InvalidOptionError
-from rabbit_store.sources import relative_name
+from rabbit_store.sources import registry, relative_name
 
 from .store_helpers import Checkpoint
 
@@ -56,7 +56,7 @@ def test_bad_json(sharded: Checkpoint):
 def test_bare_repo_id_goes_to_the_hub_opener(monkeypatch: pytest.MonkeyPatch):
     seen = {}
     monkeypatch.setitem(
-        __import__("rabbit_store.sources", fromlist=["_OPENERS"])._OPENERS,
+        registry._OPENERS,
         "hf",
         lambda location, **options: seen.setdefault("hf", (location, options)),
     )
@@ -64,7 +64,8 @@ def test_bare_repo_id_goes_to_the_hub_opener(monkeypatch: pytest.MonkeyPatch):
     assert seen["hf"][0] == "org/name" and seen["hf"][1]["revision"] == "v1"
 
 
-def test_register_opener(sharded: Checkpoint):
+def test_register_opener(sharded: Checkpoint, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(registry, "_OPENERS", dict(registry._OPENERS))  # restored afterwards
     register_opener("rabbittest", lambda location, **options: open_source(str(sharded.path)))
     assert open_source("rabbittest://anything").location == str(sharded.path)
 

@@ -12,6 +12,7 @@ import filelock
 import pytest
 
 import rabbit_store.split as split_module
+import rabbit_store.verify as verify_module
 from rabbit_store import (
     CheckpointIndex,
     LayerPlan,
@@ -22,6 +23,7 @@ from rabbit_store import (
 )
 from rabbit_store.errors import InvalidOptionError, ManifestNotFoundError, SplitCorruptedError
 from rabbit_store.manifest import MANIFEST_FILE, PARTIAL_MANIFEST_FILE
+from rabbit_store.split import bytecopy, splitter
 
 from .store_helpers import (
     Checkpoint,
@@ -122,7 +124,7 @@ def test_interrupted_split_resumes_to_identical_bytes(
 
     dest = tmp_path / "dest"
     written: list[str] = []
-    real = split_module._Splitter._write_group
+    real = splitter.Splitter._write_group
 
     def crash_on_third(self, name, infos, header, bar):
         if len(written) == 2:
@@ -130,7 +132,7 @@ def test_interrupted_split_resumes_to_identical_bytes(
         written.append(name)
         return real(self, name, infos, header, bar)
 
-    monkeypatch.setattr(split_module._Splitter, "_write_group", crash_on_third)
+    monkeypatch.setattr(splitter.Splitter, "_write_group", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         split_checkpoint(str(sharded.path), str(dest), progress=False)
     monkeypatch.undo()
@@ -145,7 +147,7 @@ def test_interrupted_split_resumes_to_identical_bytes(
 
     rewritten: list[str] = []
     monkeypatch.setattr(
-        split_module._Splitter,
+        splitter.Splitter,
         "_write_group",
         lambda self, name, *a: rewritten.append(name) or real(self, name, *a),
     )
@@ -207,13 +209,13 @@ def test_delete_original_after_verification_once(
         real_delete(self, name)
 
     splitter_state: dict = {}
-    real_init = split_module._Splitter.__init__
+    real_init = splitter.Splitter.__init__
 
     def capture(self, source, index, plan, *a, **k):
         real_init(self, source, index, plan, *a, **k)
         splitter_state.update(manifest=self.manifest, plan=plan, index=index)
 
-    monkeypatch.setattr(split_module._Splitter, "__init__", capture)
+    monkeypatch.setattr(splitter.Splitter, "__init__", capture)
     monkeypatch.setattr(FsspecSource, "delete", record)
     manifest = split_checkpoint(
         str(sharded.path), str(tmp_path / "dest"), delete_original=True, progress=False
@@ -228,7 +230,7 @@ def test_delete_original_keeps_shards_when_verification_fails(
     sharded: Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setattr(
-        split_module, "_check_file", lambda dest, entry, check_hash=True: "sha256 mismatch"
+        verify_module, "check_file", lambda source, entry, check_hash=True: "sha256 mismatch"
     )
     with pytest.raises(SplitCorruptedError, match="originals were not deleted"):
         split_checkpoint(
@@ -245,7 +247,7 @@ def test_resume_after_delete_original_was_interrupted(
     tensors = model_tensors(num_layers=4)
     checkpoint = write_checkpoint(tmp_path / "src", tensors, odd_shards(tensors))
     keep = {n: a.copy() for n, a in tensors.items()}
-    real = split_module._Splitter._write_group
+    real = splitter.Splitter._write_group
     calls = []
 
     def crash_late(self, name, *a):
@@ -254,8 +256,8 @@ def test_resume_after_delete_original_was_interrupted(
         calls.append(name)
         return real(self, name, *a)
 
-    monkeypatch.setattr(split_module._Splitter, "_write_group", crash_late)
-    monkeypatch.setattr(split_module, "HASH_WORKERS", 1)  # files finish one behind the copy
+    monkeypatch.setattr(splitter.Splitter, "_write_group", crash_late)
+    monkeypatch.setattr(bytecopy, "HASH_WORKERS", 1)  # files finish one behind the copy
     with pytest.raises(KeyboardInterrupt):
         split_checkpoint(
             str(checkpoint.path), str(tmp_path / "dest"), delete_original=True, progress=False
@@ -354,5 +356,5 @@ def test_copy_range_falls_back_without_copy_file_range(
     monkeypatch.delattr(os, "copy_file_range", raising=False)
     with open(src, "rb") as s, open(dst, "wb") as d:
         d.write(b"HEAD")
-        split_module._copy_range(s.fileno(), d.fileno(), 10, 500, 4)
+        bytecopy.copy_range(s.fileno(), d.fileno(), 10, 500, 4)
     assert dst.read_bytes() == b"HEAD" + src.read_bytes()[10:510]

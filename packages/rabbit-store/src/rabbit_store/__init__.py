@@ -9,7 +9,8 @@ from .plan import LayerPlan
 from .reader import LayerReader
 from .safetensors_header import TensorInfo
 from .sources import FsspecSource, Source, open_source, register_opener
-from .split import split_checkpoint, verify_split
+from .split import split_checkpoint
+from .verify import VerifyResult, verify_split
 
 __all__ = [
     "CheckpointIndex",
@@ -20,6 +21,7 @@ __all__ = [
     "RabbitError",
     "Source",
     "TensorInfo",
+    "VerifyResult",
     "open_source",
     "register_opener",
     "split_checkpoint",

@@ -1,4 +1,5 @@
-"""`rabbit-store inspect | split | verify`: a thin layer over describe, split_checkpoint, verify_split.
+"""`rabbit-store inspect | split | verify`: a thin layer over describe, split_checkpoint and
+verify_split.
 
 `add_subcommands(subparsers)` lets the `rabbit` CLI mount the same commands. A RabbitError prints
 one line on stderr and exits 2 (`--debug` shows the traceback); a failed verify exits 1.
@@ -70,19 +71,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{info['location']}")
-    print(
-        f"  files: {len(info['files'])}, tensors: {info['num_tensors']}, {_human(info['total_bytes'])}"
-    )
+    total = _human(info["total_bytes"])
+    print(f"  files: {len(info['files'])}, tensors: {info['num_tensors']}, {total}")
     print(f"  dtypes: {', '.join(f'{d} x{n}' for d, n in info['dtypes'].items())}")
-    print(
-        f"  layers: {info['num_layers']} under {info['layer_prefix']!r}; tied head: {'yes' if info['tied'] else 'no'}"
-    )
+    tied = "yes" if info["tied"] else "no"
+    print(f"  layers: {info['num_layers']} under {info['layer_prefix']!r}; tied head: {tied}")
     for part, value in info["parts"].items():
         if value["tensors"]:
             print(f"  {part}: {len(value['tensors'])} tensor(s), {_human(value['bytes'])}")
     for layer in info["layers"]:
+        files = ", ".join(layer["files"])
         print(
-            f"  layer {layer['index']}: {layer['tensors']} tensors, {_human(layer['bytes'])} ({', '.join(layer['files'])})"
+            f"  layer {layer['index']}: {layer['tensors']} tensors, {_human(layer['bytes'])} "
+            f"({files})"
         )
     return 0
 
@@ -101,13 +102,14 @@ def cmd_split(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         print(
-            f"split {manifest.source} into {args.dest}: {manifest.num_layers} layers, {len(manifest.files)} files, {_human(manifest.total_size)}"
+            f"split {manifest.source} into {args.dest}: {manifest.num_layers} layers, "
+            f"{len(manifest.files)} files, {_human(manifest.total_size)}"
         )
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .split import verify_split
+    from .verify import verify_split
 
     result = verify_split(
         args.dest,
@@ -118,7 +120,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"CORRUPTED {name}: {problem}", file=sys.stderr)
     if result.problems:
         print(
-            f"{result.location}: {len(result.problems)} of {len(result.manifest.files)} file(s) failed verification; split it again.",
+            f"{result.location}: {len(result.problems)} of {len(result.manifest.files)} file(s) "
+            "failed verification; split it again.",
             file=sys.stderr,
         )
         return EXIT_VERIFY_FAILED

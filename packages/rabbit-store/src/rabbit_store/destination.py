@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import posixpath
@@ -23,15 +22,12 @@ import filelock
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .constants import SPLIT_LOCK_FILE, TEMP_SUFFIX
 from .errors import InvalidOptionError, MissingDependencyError
 from .remote_lock import RemoteLock
-from .sources import display_url, relative_name, storage_errors
+from .sources import FsspecSource, display_url, relative_name, storage_errors
 
 logger = logging.getLogger(__name__)
-
-LOCK_FILE = ".rabbit-split.lock"
-TEMP_SUFFIX = ".incomplete"
-HASH_CHUNK = 16 * 1024 * 1024
 
 
 def write_all(handle: IO[bytes], data: bytes | memoryview) -> None:
@@ -57,14 +53,17 @@ class Destination:
             fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         except ImportError as exc:
             raise MissingDependencyError(
-                f"{url}: the backend is not installed (for s3://: pip install 'rabbit-store[s3]'): {exc}"
+                f"{display_url(url)}: the backend is not installed (for s3://: "
+                f"pip install 'rabbit-store[s3]'): {exc}"
             ) from exc
         except (TypeError, ValueError) as exc:
-            raise InvalidOptionError(f"{url}: bad storage options: {exc}") from exc
+            raise InvalidOptionError(f"{display_url(url)}: bad storage options: {exc}") from exc
         self.fs: fsspec.AbstractFileSystem = fs
         self.local = isinstance(fs, LocalFileSystem)
         self.root = os.path.abspath(root) if self.local else root.rstrip("/")
         self.location = self.root if self.local else display_url(url)
+        #: The same directory read as a Source: what verification and resume read files through.
+        self.source = FsspecSource(fs, self.root, location=self.location)
 
     def path(self, name: str) -> str:
         return posixpath.join(self.root, relative_name(name))
@@ -76,31 +75,8 @@ class Destination:
     def lock(self) -> contextlib.AbstractContextManager[object]:
         """Serialise splits into the same destination: a second one waits for the first."""
         if self.local:
-            return filelock.FileLock(os.path.join(self.root, LOCK_FILE))
-        return RemoteLock(self.fs, self.path(LOCK_FILE), location=self.location)
-
-    def exists(self, name: str) -> bool:
-        with storage_errors(f"{self.location}/{name}"):
-            return bool(self.fs.isfile(self.path(name)))
-
-    def size(self, name: str) -> int:
-        with storage_errors(f"{self.location}/{name}"):
-            return int(self.fs.size(self.path(name)))
-
-    def read_bytes(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
-        with storage_errors(f"{self.location}/{name}"):
-            return bytes(self.fs.cat_file(self.path(name), start=start, end=end))
-
-    def sha256(self, name: str) -> str:
-        """sha256 of a written file, streamed in large chunks."""
-        digest = hashlib.sha256()
-        with (
-            storage_errors(f"{self.location}/{name}"),
-            self.fs.open(self.path(name), "rb") as handle,
-        ):
-            while chunk := handle.read(HASH_CHUNK):
-                digest.update(chunk)
-        return digest.hexdigest()
+            return filelock.FileLock(os.path.join(self.root, SPLIT_LOCK_FILE))
+        return RemoteLock(self.fs, self.path(SPLIT_LOCK_FILE), location=self.location)
 
     def remove(self, name: str) -> None:
         with storage_errors(f"removing {self.location}/{name}"):

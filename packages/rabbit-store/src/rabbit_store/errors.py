@@ -14,7 +14,19 @@ class RabbitError(Exception):
 
 
 class InvalidOptionError(RabbitError, ValueError):
-    """An argument or option has a value that cannot work (also a ValueError for plain callers)."""
+    """An argument or option has a value that cannot work (also a ValueError for plain callers).
+
+    `option` names the keyword at fault, so a front end (the CLI) can name its own spelling of it
+    (`--max-memory`) without parsing the message.
+    """
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+class UnknownSchemeError(InvalidOptionError):
+    """No backend serves the scheme of a location (neither a registered opener nor fsspec)."""
 
 
 class MissingDependencyError(RabbitError, ImportError):

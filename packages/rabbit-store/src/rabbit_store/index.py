@@ -14,25 +14,29 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import verify
+from .constants import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    MAX_INDEX_BYTES,
+    NON_SAFETENSORS_WEIGHT_SUFFIXES,
+    PARTIAL_MANIFEST_FILE,
+    SAFETENSORS_SUFFIX,
+    SINGLE_FILE,
+)
 from .errors import (
     CheckpointNotFoundError,
     IndexFileError,
     InvalidCheckpointError,
     ShardNotFoundError,
-    SplitCorruptedError,
 )
-from .manifest import MANIFEST_FILE, PARTIAL_MANIFEST_FILE, FileEntry, Manifest
+from .manifest import load_manifest
 from .safetensors_header import LENGTH_BYTES, TensorInfo, parse_header, parse_length
 from .sources import Source, relative_name
 
 logger = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-#: Index files above this size are refused before reading (the largest real ones are a few MB).
-MAX_INDEX_BYTES = 100_000_000
-#: Chunk size of the checksum pass of verify_checksums.
-HASH_CHUNK = 16 * 1024 * 1024
+__all__ = ["INDEX_FILE", "MAX_INDEX_BYTES", "SINGLE_FILE", "CheckpointIndex"]
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -52,8 +56,8 @@ def _read_weight_map(source: Source) -> dict[str, str]:
     size = source.size(INDEX_FILE)
     if size > MAX_INDEX_BYTES:
         raise IndexFileError(
-            f"{where} is {size} bytes, above the {MAX_INDEX_BYTES}-byte cap for an index; it is not "
-            "a model index: re-download it."
+            f"{where} is {size} bytes, above the {MAX_INDEX_BYTES}-byte cap for an index; it is "
+            "not a model index: re-download it."
         )
     try:
         raw = json.loads(source.read_bytes(INDEX_FILE), object_pairs_hook=_no_duplicates)
@@ -64,7 +68,8 @@ def _read_weight_map(source: Source) -> dict[str, str]:
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise IndexFileError(
-            f"{where} has no 'weight_map' object mapping tensor names to shard files; re-download it."
+            f"{where} has no 'weight_map' object mapping tensor names to shard files; "
+            "re-download it."
         )
     checked: dict[str, str] = {}
     for tensor, shard in weight_map.items():
@@ -109,29 +114,29 @@ class CheckpointIndex:
         missing = [f for f in files if not source.exists(f)]
         if missing:
             raise ShardNotFoundError(
-                f"{source.location}: {INDEX_FILE} names {len(missing)} shard(s) that are not there: "
-                f"{', '.join(missing)}. Re-download the checkpoint (or the missing shards)."
+                f"{source.location}: {INDEX_FILE} names {len(missing)} shard(s) that are not "
+                f"there: {', '.join(missing)}. Re-download the checkpoint (or the missing shards)."
             )
 
         sizes = {f: source.size(f) for f in files}
-        manifest = _split_manifest(source)
+        manifest = load_manifest(source, MANIFEST_FILE)
         if manifest is not None:
-            _check_sizes(source, manifest, sizes)
+            _raise_if_any(source, verify.size_problems(manifest, sizes))
         prefixes = source.cat_ranges(
             files, [0] * len(files), [min(LENGTH_BYTES, sizes[f]) for f in files]
         )
         lengths = {
             f: parse_length(p, file=f"{source.location}/{f}", file_size=sizes[f])
-            for f, p in zip(files, prefixes)
+            for f, p in zip(files, prefixes, strict=True)
         }
         headers = source.cat_ranges(
             files, [LENGTH_BYTES] * len(files), [LENGTH_BYTES + lengths[f] for f in files]
         )
 
         if manifest is not None:
-            _check_headers(source, manifest, files, prefixes, headers)
+            _raise_if_any(source, verify.header_problems(manifest, files, prefixes, headers))
             if verify_checksums:
-                _check_checksums(source, manifest, files)
+                _raise_if_any(source, verify.sha256_problems(source, manifest, files))
         elif verify_checksums:
             logger.warning(
                 "%s has no %s: nothing to check sha256 against (only splits carry checksums); "
@@ -143,7 +148,7 @@ class CheckpointIndex:
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, dict[str, str]] = {}
         digest = hashlib.sha256()
-        for f, header in zip(files, headers):
+        for f, header in zip(files, headers, strict=True):
             infos, metadata[f] = parse_header(header, file=f, file_size=sizes[f])
             digest.update(f"{f}\0{sizes[f]}\0".encode() + header)
             for name, info in infos.items():
@@ -151,7 +156,8 @@ class CheckpointIndex:
                     if name in weight_map:
                         raise IndexFileError(
                             f"{source.location}: {INDEX_FILE} maps {name!r} to {weight_map[name]} "
-                            f"but it is also in {f}; the index and shards disagree: re-download them."
+                            f"but it is also in {f}; the index and shards disagree: "
+                            "re-download them."
                         )
                     logger.warning(
                         "%s: tensor %s in %s is not in %s; ignored",
@@ -214,67 +220,9 @@ class CheckpointIndex:
         )
 
 
-def _split_manifest(source: Source) -> Manifest | None:
-    """The manifest of a finished split, or None for any other checkpoint."""
-    if not source.exists(MANIFEST_FILE):
-        return None
-    return Manifest.from_json(
-        source.read_bytes(MANIFEST_FILE), where=f"{source.location}/{MANIFEST_FILE}"
-    )
-
-
-def _corrupted(source: Source, problems: dict[str, str]) -> SplitCorruptedError:
-    listed = "; ".join(f"{source.location}/{name}: {problem}" for name, problem in problems.items())
-    return SplitCorruptedError(
-        f"{listed}. The split is corrupted: run `rabbit-store verify {source.location}` and split "
-        "the checkpoint again (a rerun rewrites only the bad files).",
-        list(problems),
-    )
-
-
-def _entries(manifest: Manifest, files: list[str]) -> list[tuple[str, FileEntry]]:
-    return [(f, e) for f in files if (e := manifest.entry(f)) is not None]
-
-
-def _check_sizes(source: Source, manifest: Manifest, sizes: dict[str, int]) -> None:
-    problems = {
-        f: f"{sizes[f]} bytes, but {e.size} in {MANIFEST_FILE} (truncated or overwritten)"
-        for f, e in _entries(manifest, list(sizes))
-        if sizes[f] != e.size
-    }
+def _raise_if_any(source: Source, problems: dict[str, str]) -> None:
     if problems:
-        raise _corrupted(source, problems)
-
-
-def _check_headers(
-    source: Source,
-    manifest: Manifest,
-    files: list[str],
-    prefixes: list[bytes],
-    headers: list[bytes],
-) -> None:
-    recorded = dict(_entries(manifest, files))
-    problems = {}
-    for f, prefix, header in zip(files, prefixes, headers):
-        entry = recorded.get(f)
-        if entry is not None and entry.header_sha256:
-            if hashlib.sha256(bytes(prefix) + bytes(header)).hexdigest() != entry.header_sha256:
-                problems[f] = f"header differs from the one recorded in {MANIFEST_FILE}"
-    if problems:
-        raise _corrupted(source, problems)
-
-
-def _check_checksums(source: Source, manifest: Manifest, files: list[str]) -> None:
-    problems = {}
-    for f, entry in _entries(manifest, files):
-        digest = hashlib.sha256()
-        with source.open(f) as handle:
-            while chunk := handle.read(HASH_CHUNK):
-                digest.update(chunk)
-        if digest.hexdigest() != entry.sha256:
-            problems[f] = f"sha256 {digest.hexdigest()}, but {entry.sha256} in {MANIFEST_FILE}"
-    if problems:
-        raise _corrupted(source, problems)
+        raise verify.corrupted(source.location, problems)
 
 
 def _no_checkpoint_message(source: Source) -> str:
@@ -290,13 +238,13 @@ def _no_checkpoint_message(source: Source) -> str:
             f"{source.location}: an unfinished split (it holds {PARTIAL_MANIFEST_FILE}, no "
             f"{INDEX_FILE} yet); rerun `rabbit-store split SRC {source.location}` to finish it."
         )
-    other = [f for f in present if f.endswith((".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5"))]
+    other = [f for f in present if f.endswith(NON_SAFETENSORS_WEIGHT_SUFFIXES)]
     if other:
         hint = (
             f"it holds {', '.join(other[:3])}: only safetensors checkpoints are supported; convert "
             "it with transformers (model.save_pretrained(dir, safe_serialization=True))"
         )
-    elif any(f.endswith(".safetensors") for f in present):
+    elif any(f.endswith(SAFETENSORS_SUFFIX) for f in present):
         hint = (
             "it holds .safetensors files but no model.safetensors.index.json naming them; add one"
         )

@@ -1,4 +1,5 @@
-"""describe(): what a checkpoint holds, as a JSON-ready dict (the CLI's `inspect`, and `rabbit`'s)."""
+"""describe(): what a checkpoint holds, as a JSON-ready dict (the CLI's `inspect`, and
+`rabbit`'s)."""
 
 from __future__ import annotations
 

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from .constants import MANIFEST_FILE, PARTIAL_MANIFEST_FILE
 from .errors import SplitError
 
-MANIFEST_FILE = "rabbit-split.json"
-PARTIAL_MANIFEST_FILE = "rabbit-split.partial.json"
+__all__ = [
+    "FORMAT",
+    "MANIFEST_FILE",
+    "PARTIAL_MANIFEST_FILE",
+    "PARTS",
+    "VERSION",
+    "FileEntry",
+    "Manifest",
+    "load_manifest",
+]
 FORMAT = "rabbit-split"
 #: 2 added FileEntry.header_sha256. Version 1 manifests still load (their entries have no header
 #: digest, so only sizes are checked at load); a rabbit-store that only knows 1 refuses version 2
@@ -56,7 +65,7 @@ class Manifest:
     #: shards of the source removed by delete_original (so that a resume knows why they are gone)
     deleted_shards: list[str] = field(default_factory=list)
     #: the source's tensor layout, kept so that a resume after delete_original can plan without
-    #: the deleted shards (see split._load_index)
+    #: the deleted shards (see split.resume.load_source_index)
     source_index: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     version: int = VERSION
@@ -69,9 +78,6 @@ class Manifest:
         """File name of each decoder layer, by layer index."""
         by_index = {f.layer: f.name for f in self.files if f.part == "layer"}
         return [by_index[i] for i in sorted(by_index)]
-
-    def part_files(self, part: str) -> list[str]:
-        return [f.name for f in self.files if f.part == part]
 
     @property
     def total_size(self) -> int:
@@ -92,7 +98,8 @@ class Manifest:
                 raise ValueError(f"format is {raw.get('format')!r}, not {FORMAT!r}")
             if raw.get("version") not in READABLE_VERSIONS:
                 raise ValueError(
-                    f"version {raw.get('version')!r} is not one of {READABLE_VERSIONS} (newer rabbit-store?)"
+                    f"version {raw.get('version')!r} is not one of {READABLE_VERSIONS} "
+                    "(newer rabbit-store?)"
                 )
             files = [FileEntry(**entry) for entry in raw.pop("files")]
             if raw["version"] == 1 and any(f.header_sha256 for f in files):
@@ -103,3 +110,21 @@ class Manifest:
             raise SplitError(
                 f"{where} is not a valid rabbit-split manifest ({exc}); split the checkpoint again."
             ) from None
+
+
+class _Files(Protocol):
+    """What load_manifest needs of a location (a Source has it)."""
+
+    location: str
+
+    def exists(self, name: str) -> bool: ...
+
+    def read_bytes(self, name: str) -> bytes: ...
+
+
+def load_manifest(files: _Files, name: str = MANIFEST_FILE) -> Manifest | None:
+    """The manifest `name` (MANIFEST_FILE or PARTIAL_MANIFEST_FILE) at a location, or None when
+    there is none; a malformed one is a SplitError naming it."""
+    if not files.exists(name):
+        return None
+    return Manifest.from_json(files.read_bytes(name), where=f"{files.location}/{name}")

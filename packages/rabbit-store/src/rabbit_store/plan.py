@@ -111,9 +111,10 @@ class LayerPlan:
                 rest.append(name)
         where = index.source.location
         if not by_layer:
+            inferred = infer_layer_prefix(names) if layer_prefix else prefix
             raise LayerLayoutError(
-                f"{where}: no tensor starts with layer prefix {prefix!r}.<int>.; check layer_prefix "
-                f"(inferred: {infer_layer_prefix(names) if layer_prefix else prefix!r})."
+                f"{where}: no tensor starts with layer prefix {prefix!r}.<int>.; check "
+                f"layer_prefix (inferred: {inferred!r})."
             )
         count = max(by_layer) + 1
         missing = [i for i in range(count) if i not in by_layer]

@@ -103,7 +103,8 @@ class RemoteLock:
                 seen = (content, now)
             elif now - seen[1] >= self.stale_after:
                 logger.warning(
-                    "%s: taking over a stale split lock (unchanged for %.0f s; written by %s pid %s)",
+                    "%s: taking over a stale split lock (unchanged for %.0f s; written by %s "
+                    "pid %s)",
                     self.location,
                     now - seen[1],
                     holder.get("host"),

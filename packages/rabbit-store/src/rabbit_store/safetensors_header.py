@@ -1,8 +1,8 @@
 """Parse and build safetensors headers without the safetensors package.
 
-Written by hand because we need what `safetensors` does not give without reading or mapping the whole
-file through a framework: the header alone (8-byte little-endian length + JSON), fetched with two
-small range reads from any backend, with *absolute* byte offsets, and strict validation whose
+Written by hand because we need what `safetensors` does not give without reading or mapping the
+whole file through a framework: the header alone (8-byte little-endian length + JSON), fetched with
+two small range reads from any backend, with *absolute* byte offsets, and strict validation whose
 errors name the file and tensor. The same module writes headers for split files, so the bytes of a
 tensor are copied, never decoded.
 """
@@ -13,6 +13,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 from .errors import HeaderError
@@ -92,8 +93,8 @@ def parse_length(prefix: bytes, *, file: str, file_size: int) -> int:
     """Decode and bound the header length from a file's first 8 bytes."""
     if file_size < LENGTH_BYTES or len(prefix) < LENGTH_BYTES:
         raise HeaderError(
-            f"{file}: {file_size} bytes is too short for a safetensors file (needs an 8-byte header "
-            "length); the file is truncated or not safetensors: re-download it."
+            f"{file}: {file_size} bytes is too short for a safetensors file (needs an 8-byte "
+            "header length); the file is truncated or not safetensors: re-download it."
         )
     (length,) = struct.unpack("<Q", prefix[:LENGTH_BYTES])
     if length > MAX_HEADER_BYTES:
@@ -110,7 +111,8 @@ def parse_length(prefix: bytes, *, file: str, file_size: int) -> int:
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    """repr for an error message, cut short: headers come from the internet and may hold megabytes."""
+    """repr for an error message, cut short: headers come from the internet and may hold
+    megabytes."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -157,7 +159,8 @@ def parse_header(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise HeaderError(
-            f"{file}: __metadata__ must map strings to strings; the file is corrupt: re-download it."
+            f"{file}: __metadata__ must map strings to strings; the file is corrupt: "
+            "re-download it."
         )
 
     spans: list[tuple[int, int, str]] = []
@@ -171,15 +174,15 @@ def parse_header(
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise HeaderError(
-                f"{where}: unknown dtype {_short(dtype, 40)} (known: {', '.join(DTYPE_BITS)}); the file is "
-                "corrupt or from a newer safetensors: upgrade or re-download."
+                f"{where}: unknown dtype {_short(dtype, 40)} (known: {', '.join(DTYPE_BITS)}); "
+                "the file is corrupt or from a newer safetensors: upgrade or re-download."
             )
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
             raise HeaderError(
-                f"{where}: shape {_short(shape)} is not a list of non-negative integers; the file is "
-                "corrupt: re-download it."
+                f"{where}: shape {_short(shape)} is not a list of non-negative integers; the "
+                "file is corrupt: re-download it."
             )
         if (
             not isinstance(offsets, list)
@@ -188,8 +191,8 @@ def parse_header(
             or not 0 <= offsets[0] <= offsets[1]
         ):
             raise HeaderError(
-                f"{where}: data_offsets {_short(offsets)} must be [begin, end] with 0 <= begin <= end; "
-                "the file is corrupt: re-download it."
+                f"{where}: data_offsets {_short(offsets)} must be [begin, end] with "
+                "0 <= begin <= end; the file is corrupt: re-download it."
             )
         begin, end = offsets
         if end > data_size:
@@ -216,11 +219,11 @@ def parse_header(
         )
 
     spans.sort()
-    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
+    for (_, prev_end, prev), (begin, _, name) in pairwise(spans):
         if begin < prev_end:
             raise HeaderError(
-                f"{file}: tensors {_short(prev)} and {_short(name)} overlap in the data section; the file is "
-                "corrupt: re-download it."
+                f"{file}: tensors {_short(prev)} and {_short(name)} overlap in the data section; "
+                "the file is corrupt: re-download it."
             )
     ordered = {name: infos[name] for _, _, name in spans}
     return ordered, metadata

