@@ -191,6 +191,7 @@ ERROR_CASES = {
     "bad dtype": (["generate", "hi", "--dtype", "float8"], "--dtype float8"),
     "bad device": (["generate", "hi", "--device", "tpu"], "--device tpu"),
     "bad max-memory": (["generate", "hi", "--max-memory", "lots"], "--max-memory lots"),
+    "bad prefetch": (["generate", "hi", "--prefetch", "-1"], "--prefetch -1: prefetch=-1"),
     "bad temperature": (["generate", "hi", "--temperature", "-1"], "--temperature"),
     "unknown subcommand": (["frobnicate"], "invalid choice: 'frobnicate'"),
     "unknown option": (["generate", "hi", "--frobnicate"], "unrecognized arguments: --frobnicate"),

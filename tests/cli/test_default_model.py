@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from rabbit_store.constants import CACHE_ENV, cache_root
 from rabbit_store.errors import RabbitError
 from rabbitllm import default_model as dm
 
@@ -76,7 +77,7 @@ def test_reused_without_rebuilding(default_model_cache, monkeypatch):
         dm.default_model_path(progress=False, cache_dir=default_model_cache.cache_dir)
         == default_model_cache.model_dir
     )
-    monkeypatch.setenv(dm.CACHE_ENV, str(default_model_cache.cache_dir))
+    monkeypatch.setenv(CACHE_ENV, str(default_model_cache.cache_dir))
     assert dm.default_model_path(progress=False) == default_model_cache.model_dir
     assert weights.stat().st_mtime_ns == before
 
@@ -181,11 +182,11 @@ def test_missing_gguf_names_the_pip_command(monkeypatch, tmp_path):
 
 
 def test_cache_root_precedence(monkeypatch, tmp_path):
-    monkeypatch.delenv(dm.CACHE_ENV, raising=False)
+    monkeypatch.delenv(CACHE_ENV, raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert dm.cache_root() == Path(os.path.expanduser("~")) / ".cache" / "rabbitllm"
+    assert cache_root() == Path(os.path.expanduser("~")) / ".cache" / "rabbitllm"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert dm.cache_root() == tmp_path / "xdg" / "rabbitllm"
-    monkeypatch.setenv(dm.CACHE_ENV, str(tmp_path / "explicit"))
-    assert dm.cache_root() == tmp_path / "explicit"
+    assert cache_root() == tmp_path / "xdg" / "rabbitllm"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "explicit"))
+    assert cache_root() == tmp_path / "explicit"
     assert dm.default_model_dir().parent.parent == tmp_path / "explicit"

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from rabbit_engine.errors import InvalidOptionError
-from rabbit_engine.options import parse_bytes, parse_device, parse_dtype
+from rabbit_engine.options import StreamingOptions, parse_bytes, parse_device, parse_dtype
 
 
 def test_dtype_strings():
@@ -36,3 +40,54 @@ def test_sizes(text, size):
 def test_bad_sizes_name_the_option(bad):
     with pytest.raises(InvalidOptionError, match="max_memory"):
         parse_bytes(bad)
+
+
+def test_streaming_options_parse_once():
+    opts = StreamingOptions.create(dtype="bf16", max_memory="1GiB", prefetch=0, device="cpu")
+    assert opts.dtype is torch.bfloat16 and opts.max_memory == 2**30 and opts.prefetch == 0
+    assert opts.device == torch.device("cpu") and opts.attn_implementation == "auto"
+    assert StreamingOptions.create(max_memory=" AUTO ").max_memory == "auto"
+    assert StreamingOptions.create().max_memory is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.prefetch = 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [
+        ({"prefetch": -1}, "prefetch"),
+        ({"prefetch": 1.5}, "prefetch"),
+        ({"prefetch": True}, "prefetch"),
+        ({"attn_implementation": "flash"}, "attn_implementation"),
+        ({"profile": "yes"}, "profile"),
+        ({"bit_exact": 1}, "bit_exact"),
+        ({"max_memory": "lots"}, "max_memory"),
+        ({"dtype": "float17"}, "dtype"),
+        ({"device": "gpu0"}, "device"),
+    ],
+)
+def test_streaming_options_name_the_bad_option(kwargs, option):
+    with pytest.raises(InvalidOptionError, match=f"^{option}=") as info:
+        StreamingOptions.create(**kwargs)
+    assert info.value.option == option
+
+
+def test_from_kwargs_takes_only_its_own_and_overrides_a_base():
+    base = StreamingOptions.create(prefetch=4, profile=True)
+    rest = {"prefetch": 1, "token": "x"}
+    opts = StreamingOptions.from_kwargs(rest, base=base)
+    assert (opts.prefetch, opts.profile) == (1, True)
+    assert rest == {"token": "x"}
+    assert set(StreamingOptions.names()) == {
+        "device", "dtype", "attn_implementation", "max_memory", "prefetch", "profile", "bit_exact",
+    }  # fmt: skip
+
+
+def test_options_module_imports_without_torch():
+    """The CLI builds its flags from rabbit_engine.options before deciding to load a model."""
+    code = (
+        "import sys, rabbit_engine.options as o; "
+        "assert o.DEFAULT_PREFETCH >= 0 and 'sdpa' in o.ATTN_CHOICES; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from rabbit_engine.errors import InvalidOptionError
+from rabbit_engine.options import IMPLEMENTATIONS
 
 logger = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -110,7 +110,9 @@ def select_attention(
     requested = requested or "auto"
     if requested != "auto" and requested not in IMPLEMENTATIONS:
         raise InvalidOptionError(
-            f"attn_implementation={requested!r} is not one of 'auto', {', '.join(map(repr, IMPLEMENTATIONS))}."
+            f"attn_implementation={requested!r} is not one of 'auto', "
+            f"{', '.join(map(repr, IMPLEMENTATIONS))}.",
+            option="attn_implementation",
         )
     start = 0 if requested == "auto" else IMPLEMENTATIONS.index(requested)
     for impl in IMPLEMENTATIONS[start:]:

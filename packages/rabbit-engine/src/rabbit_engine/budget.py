@@ -8,13 +8,15 @@ just used).
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 
 import psutil
 import torch
 
 from rabbit_engine.cgroup import cgroup_available_memory
 from rabbit_engine.errors import MemoryBudgetError
-from rabbit_engine.options import parse_bytes
+from rabbit_engine.options import MaxMemory
 from rabbit_engine.weights import RESIDENT, WeightMap
 
 logger = logging.getLogger(__name__)
@@ -23,24 +25,54 @@ AUTO_HEADROOM = 0.15  # leave this share of free memory for activations, the KV 
 _GIB = 2**30
 
 
-def resolve_budget(max_memory: int | str | None, device: torch.device) -> int | None:
-    """`None` = stream every layer; "auto" = free RAM (or VRAM) minus a headroom.
+@dataclass(frozen=True)
+class RamFacts:
+    """The RAM this process can still use: the machine's and its memory cgroup's figures."""
 
-    Free RAM is the smaller of the machine's and what this process's memory cgroup still allows
-    (a container's limit): planning from the host's figure inside a container gets the process
-    killed.
+    host_available: int
+    host_total: int
+    cgroup_available: int | None  # None: no memory cgroup limit applies
+
+    @property
+    def available(self) -> int:
+        """What applies: the smaller of the two (a container's limit binds before the host's)."""
+        if self.cgroup_available is None:
+            return self.host_available
+        return min(self.host_available, self.cgroup_available)
+
+    @property
+    def bound_by_cgroup(self) -> bool:
+        return self.cgroup_available is not None and self.cgroup_available < self.host_available
+
+
+def ram_facts(proc_self: str | os.PathLike[str] = "/proc/self") -> RamFacts:
+    """psutil reports the host's free RAM even inside a container; the cgroup says what is left
+    to us. Both are read here so `max_memory="auto"` and `rabbit doctor` agree."""
+    vm = psutil.virtual_memory()
+    return RamFacts(vm.available, vm.total, cgroup_available_memory(proc_self))
+
+
+def resolve_budget(max_memory: MaxMemory, device: torch.device) -> int | None:
+    """`None` = stream every layer; "auto" = free RAM (or VRAM) minus a headroom; else bytes.
+
+    `max_memory` comes parsed (`StreamingOptions`). Free RAM is the smaller of the machine's and
+    what this process's memory cgroup still allows (a container's limit): planning from the host's
+    figure inside a container gets the process killed.
     """
-    if max_memory is None:
-        return None
-    if isinstance(max_memory, str) and max_memory.strip().lower() == "auto":
+    if max_memory is None or isinstance(max_memory, int):
+        return max_memory
+    if max_memory == "auto":
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             where = f"free memory of {device}"
         else:
-            free, where = psutil.virtual_memory().available, "available RAM"
-            capped = cgroup_available_memory()
-            if capped is not None and capped < free:
-                free, where = capped, "what this process's memory cgroup still allows"
+            ram = ram_facts()
+            free = ram.available
+            where = (
+                "what this process's memory cgroup still allows"
+                if ram.bound_by_cgroup
+                else "available RAM"
+            )
         budget = int(free * (1 - AUTO_HEADROOM))
         logger.info(
             "max_memory='auto': %.2f GiB (%.0f%% of %s, %.2f GiB)",
@@ -50,7 +82,7 @@ def resolve_budget(max_memory: int | str | None, device: torch.device) -> int | 
             free / _GIB,
         )
         return budget
-    return parse_bytes(max_memory, option="max_memory")
+    raise TypeError(f"max_memory={max_memory!r} was not parsed: build StreamingOptions first.")
 
 
 def plan_residency(
@@ -70,7 +102,7 @@ def plan_residency(
         return set(range(num_layers))
     # The layer computing, the ones read ahead, and the one just used (its pages are reclaimed
     # lazily): planning one layer fewer made the compute thread fault ~85 MiB per token back in
-    # under a memory cap (measured, tools/bench.py cold regime, rabbit-auto).
+    # under a memory cap (measured, tools/rabbit_bench cold regime, rabbit-auto).
     working = (2 + prefetch) * max(sizes, default=0)
     needed = fixed + max(sizes, default=0)
     if budget < needed:

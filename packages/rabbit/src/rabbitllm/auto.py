@@ -8,17 +8,16 @@ import os
 import warnings
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel
 
 from rabbit_engine import load_config, load_streaming_model
 from rabbit_engine.errors import InvalidOptionError, PickleRefusedError
-from rabbit_engine.loader import DEFAULT_PREFETCH
+from rabbit_engine.options import StreamingOptions
 from rabbit_engine.pickle_import import convert_pickle_checkpoint, pickle_files
 from rabbit_models import adapter_for
 from rabbit_store import CheckpointIndex, open_source
+from rabbit_store.constants import cache_root
 from rabbit_store.errors import CheckpointNotFoundError
-from rabbitllm.default_model import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -34,47 +33,47 @@ class AutoModel:
         cls,
         source: str | os.PathLike,
         *,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
         token: str | bool | None = None,
-        hf_token: str | None = None,
         revision: str | None = None,
         storage_options: dict[str, Any] | None = None,
-        attn_implementation: str | None = "auto",
         layers_path: str | os.PathLike | None = None,
         trust_remote_code: bool = False,
-        max_memory: int | str | None = None,
-        prefetch: int = DEFAULT_PREFETCH,
-        profile: bool = False,
         local_cache: bool | str = False,
         allow_pickle: bool = False,
         verify: bool = False,
-        bit_exact: bool = False,
+        options: StreamingOptions | None = None,
         **kwargs: Any,
     ) -> PreTrainedModel:
         """Load `source` (local dir, hub id, or fsspec URL) for layer streaming.
 
-        `layers_path` points at a split directory (`rabbit split`); weights are then read from there
-        while config and generation settings come from `source`. `torch_dtype` is accepted as an
-        alias of `dtype`, like transformers does. `allow_pickle=True` lets a `*.bin`/`*.pt`-only
-        checkpoint be converted once to safetensors (with `torch.load(weights_only=True)`).
-        `verify=True` checks the sha256 of every file of a split (`rabbit-split.json`) before loading;
-        the sizes and headers of a split's files are checked always. `bit_exact=True` copies
-        weights whose bytes are not 64-byte aligned in the file into aligned memory: float32 logits
-        then equal transformers' bit for bit, at the cost of one copy per streamed layer (by
-        default such weights are used in place, and some CPU kernels then round differently: a few
-        float32 ulps on the logits, the same tokens).
+        How the model streams is `StreamingOptions` (rabbit_engine.options): pass its fields as
+        keywords like transformers' own (`device=`, `dtype=`, `attn_implementation=`,
+        `max_memory=`, `prefetch=`, `profile=`, `bit_exact=`), or a built `options=` object (the
+        CLI and the bench do); keywords given beside `options` override its fields.
+        `torch_dtype` is accepted as an alias of `dtype`, like transformers does.
+
+        `layers_path` points at a split directory (`rabbit split`); weights are then read from
+        there while config and generation settings come from `source`. `allow_pickle=True` lets a
+        `*.bin`/`*.pt`-only checkpoint be converted once to safetensors (with
+        `torch.load(weights_only=True)`). `verify=True` checks the sha256 of every file of a split
+        (`rabbit-split.json`) before loading; the sizes and headers of a split's files are checked
+        always.
         """
-        if hf_token is not None:
+        if "hf_token" in kwargs:
             warnings.warn(
                 "hf_token= is deprecated; pass token= instead.", FutureWarning, stacklevel=2
             )
-            token = token or hf_token
+            token = token or kwargs.pop("hf_token")
         if "torch_dtype" in kwargs:
-            dtype = dtype or kwargs.pop("torch_dtype")
+            dtype = kwargs.pop("torch_dtype")
+            kwargs.setdefault("dtype", dtype)
+        options = StreamingOptions.from_kwargs(kwargs, base=options)
         if kwargs:
             raise InvalidOptionError(
-                f"AutoModel.from_pretrained got unknown option(s): {', '.join(sorted(kwargs))}."
+                "AutoModel.from_pretrained got unknown option(s): "
+                f"{', '.join(sorted(kwargs))}; the streaming options are "
+                f"{', '.join(StreamingOptions.names())}.",
+                option=sorted(kwargs)[0],
             )
         src = open_source(
             source,
@@ -84,6 +83,7 @@ class AutoModel:
             local_cache=local_cache,
         )
         config = load_config(src, trust_remote_code=trust_remote_code)
+        adapter = adapter_for(config)  # refuses an unsupported family before any weight is read
         weights_src = src
         if layers_path is not None:
             weights_src = open_source(
@@ -93,17 +93,7 @@ class AutoModel:
             weights_src, allow_pickle=allow_pickle, revision=revision, verify=verify
         )
         return load_streaming_model(
-            weights_src,
-            config=config,
-            adapter=adapter_for(config),
-            index=index,
-            device=device,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            max_memory=max_memory,
-            prefetch=prefetch,
-            profile=profile,
-            bit_exact=bit_exact,
+            weights_src, config=config, adapter=adapter, index=index, options=options
         )
 
 

@@ -173,17 +173,23 @@ def check_flash_attention() -> list[Finding]:
     return [Finding("flash attention", INFO, f"not available: {reason}; sdpa is used instead")]
 
 
-def check_memory() -> list[Finding]:
-    import psutil
+def check_memory(proc_self: str | os.PathLike[str] = "/proc/self") -> list[Finding]:
+    """The host's RAM and the memory cgroup's limit, and which one `max_memory="auto"` plans by
+    (the smaller: psutil's host figure means nothing inside a capped container)."""
+    from rabbit_engine.budget import ram_facts
 
-    vm = psutil.virtual_memory()
-    return [Finding("ram", INFO, f"{_gib(vm.available)} available of {_gib(vm.total)}")]
+    ram = ram_facts(proc_self)
+    host = f"host {_gib(ram.host_available)} available of {_gib(ram.host_total)}"
+    if ram.cgroup_available is None:
+        return [Finding("ram", INFO, f"{host}; no memory cgroup limit; applies: host")]
+    cgroup = f"memory cgroup allows {_gib(ram.cgroup_available)}"
+    applies = "cgroup" if ram.bound_by_cgroup else "host"
+    return [Finding("ram", INFO, f"{host}; {cgroup}; applies: {applies}")]
 
 
 def check_cache(cache_dir: str | os.PathLike[str] | None = None) -> list[Finding]:
+    from rabbit_store.constants import CACHE_ENV, cache_root
     from rabbitllm.default_model import (
-        CACHE_ENV,
-        cache_root,
         default_model_dir,
         is_complete,
         locate_gguf,
@@ -257,7 +263,7 @@ def check_read_speed(
 
 
 def _read_temp_file(cache_dir: str | os.PathLike[str] | None, nbytes: int) -> Finding:
-    from rabbitllm.default_model import cache_root
+    from rabbit_store.constants import cache_root
 
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     root.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,11 @@
-"""Errors the CLI raises itself; they derive from RabbitError so one handler turns them into exit 2."""
+"""Errors the CLI raises itself; they derive from RabbitError: one handler makes them exit 2."""
 
 from __future__ import annotations
 
 from rabbit_store.errors import RabbitError
 
-EXIT_OK = 0
-EXIT_FAILURE = (
-    1  # an unexpected error (a bug, or a failure the user cannot fix by changing arguments)
-)
+# An unexpected error: a bug, or a failure the user cannot fix by changing arguments.
+EXIT_FAILURE = 1
 EXIT_USAGE = 2  # a user error: bad argument, bad path, unsupported model, any RabbitError
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report it
 
@@ -21,4 +19,4 @@ class TokenizerNotFoundError(RabbitError):
 
 
 class FeatureNotAvailableError(RabbitError):
-    """A command needs something this installation does not have (e.g. tools/bench.py)."""
+    """A command needs something this installation does not have (e.g. tools/rabbit_bench)."""

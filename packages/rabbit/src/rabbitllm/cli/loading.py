@@ -100,14 +100,10 @@ def load_model(spec: ModelSpec, runtime: RuntimeOptions) -> Any:
     logger.info("Loading %s", spec.location)
     return AutoModel.from_pretrained(
         spec.location,
-        device=runtime.device,
-        dtype=runtime.dtype,
         token=spec.token,
         revision=spec.revision,
         storage_options=spec.storage_options,
-        attn_implementation=runtime.attn_implementation,
         layers_path=runtime.layers,
         trust_remote_code=runtime.trust_remote_code,
-        max_memory=runtime.max_memory,
-        profile=runtime.profile,
+        options=runtime.streaming,
     )

@@ -14,8 +14,6 @@ from typing import Any
 
 from rabbitllm.cli.errors import UsageError
 
-ATTN_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
-
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -58,7 +56,9 @@ def add_source_options(parser: argparse.ArgumentParser, *, model_flag: bool = Tr
 
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
-    """--device, --dtype, --max-memory, --attn-implementation, --layers, --profile."""
+    """The flags of `StreamingOptions` (rabbit_engine.options), plus --layers."""
+    from rabbit_engine.options import ATTN_CHOICES, DEFAULT_PREFETCH
+
     parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available, else cpu)"
     )
@@ -78,6 +78,19 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=ATTN_CHOICES,
         help="attention kernel (default: auto = flash_attention_2 if it works, else sdpa)",
+    )
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=DEFAULT_PREFETCH,
+        metavar="N",
+        help=f"layers read ahead of the one computing (default: {DEFAULT_PREFETCH})",
+    )
+    parser.add_argument(
+        "--bit-exact",
+        action="store_true",
+        help="copy unaligned weights so float32 logits equal transformers' bit for bit "
+        "(one copy per streamed layer)",
     )
     parser.add_argument(
         "--layers",
@@ -114,48 +127,34 @@ def parse_storage_options(pairs: list[str] | None) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """Validated --device/--dtype/--max-memory values, passed to AutoModel as the user wrote them."""
+    """The model commands' options: the engine's validated `StreamingOptions`, and where from."""
 
-    device: str | None
-    dtype: str | None
-    max_memory: str | None
-    attn_implementation: str
+    streaming: Any  # rabbit_engine.options.StreamingOptions (imported lazily: it imports torch)
     layers: str | None
-    profile: bool
     trust_remote_code: bool
+
+    @property
+    def profile(self) -> bool:
+        return self.streaming.profile
 
 
 def runtime_options(args: argparse.Namespace) -> RuntimeOptions:
-    """Check the values with the engine's parsers; a bad one raises UsageError naming the option."""
-    from rabbit_engine.options import parse_bytes, parse_device, parse_dtype
-    from rabbit_store.errors import RabbitError
+    """Build `StreamingOptions` from the flags; a bad value raises UsageError naming the flag.
 
-    checks = (
-        ("--device", args.device, parse_device),
-        ("--dtype", args.dtype, parse_dtype),
-        (
-            "--max-memory",
-            args.max_memory,
-            lambda v: (
-                v if str(v).strip().lower() == "auto" else parse_bytes(v, option="max_memory")
-            ),
-        ),
-    )
-    for flag, value, parse in checks:
-        if value is None:
-            continue
-        try:
-            parse(value)
-        except RabbitError as exc:
-            raise UsageError(f"{flag} {value}: {exc}") from exc
+    Validated here, before the tokenizer and the model load, so a bad `--dtype` fails in a second
+    with one line; the engine's own parser does it, so the words are the Python API's.
+    """
+    from rabbit_engine.errors import InvalidOptionError
+    from rabbit_engine.options import StreamingOptions
+
+    given = {name: getattr(args, name) for name in StreamingOptions.names() if hasattr(args, name)}
+    try:
+        streaming = StreamingOptions.create(**given)
+    except InvalidOptionError as exc:
+        flag = "--" + (exc.option or "option").replace("_", "-")
+        raise UsageError(f"{flag} {given.get(exc.option or '', '')}: {exc}") from exc
     return RuntimeOptions(
-        device=args.device,
-        dtype=args.dtype,
-        max_memory=args.max_memory,
-        attn_implementation=args.attn_implementation,
-        layers=args.layers,
-        profile=args.profile,
-        trust_remote_code=args.trust_remote_code,
+        streaming=streaming, layers=args.layers, trust_remote_code=args.trust_remote_code
     )
 
 
