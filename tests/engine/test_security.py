@@ -47,13 +47,44 @@ def test_pickle_allowed_is_converted_once_and_exact(pickle_checkpoint, tmp_path)
     )
 
 
+def test_tied_pickle_converts_to_one_tensor_and_loads_tied(tmp_path, monkeypatch):
+    """A tied head is one tensor under two names: written once (as safetensors' save_model does),
+    not cloned into a second copy that would be read and held twice."""
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("RABBITLLM_CACHE", str(tmp_path / "cache"))
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(config).eval()
+    state = ref.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    path = tmp_path / "tied"
+    config.save_pretrained(path)
+    torch.save(state, path / "pytorch_model.bin")
+    ids = torch.randint(3, 200, (1, 9))
+    with AutoModel.from_pretrained(path, allow_pickle=True) as model, torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    (converted,) = (tmp_path / "cache" / "converted").glob("*/pytorch_model.safetensors")
+    with safe_open(str(converted), "pt") as f:
+        names = set(f.keys())
+        assert f.metadata()["lm_head.weight"] == "model.embed_tokens.weight"
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+
+
 class _Exploit:
     def __reduce__(self):
-        return (os.system, ("touch /tmp/rabbit-pwned",))
+        return (os.system, (f"touch {_Exploit.marker}",))
 
 
 def test_pickle_with_code_is_refused_even_when_allowed(tmp_path, llama_checkpoint, monkeypatch):
     ref, _ = llama_checkpoint
+    marker = tmp_path / "pwned"
+    monkeypatch.setattr(_Exploit, "marker", str(marker), raising=False)
     monkeypatch.setenv("RABBITLLM_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "evil"
     ref.config.save_pretrained(path)
@@ -61,7 +92,7 @@ def test_pickle_with_code_is_refused_even_when_allowed(tmp_path, llama_checkpoin
         pickle.dump({"model.embed_tokens.weight": _Exploit()}, f)
     with pytest.raises(InvalidCheckpointError, match="weights_only=True"):
         AutoModel.from_pretrained(path, allow_pickle=True)
-    assert not os.path.exists("/tmp/rabbit-pwned")
+    assert not marker.exists()
 
 
 def test_remote_code_needs_the_flag(tmp_path, llama_checkpoint):

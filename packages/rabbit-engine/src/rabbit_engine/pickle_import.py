@@ -18,19 +18,19 @@ import torch
 from filelock import FileLock
 from safetensors.torch import save_file
 
+from rabbit_store.constants import PICKLE_INDEX_FILE, PICKLE_SUFFIXES
 from rabbit_store.errors import InvalidCheckpointError
 
 logger = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _COPIED = ("config.json", "generation_config.json")
 _MARKER = ".rabbit-converted"
 
 
 def pickle_files(source) -> list[str]:
     """The checkpoint's pickle weight files (from its index when it has one)."""
-    if source.exists("pytorch_model.bin.index.json"):
-        return sorted(set(source.read_json("pytorch_model.bin.index.json")["weight_map"].values()))
+    if source.exists(PICKLE_INDEX_FILE):
+        return sorted(set(source.read_json(PICKLE_INDEX_FILE)["weight_map"].values()))
     return sorted(n for n in source.list_files() if n.endswith(PICKLE_SUFFIXES) and "/" not in n)
 
 
@@ -47,6 +47,40 @@ def _load(path: str, name: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InvalidCheckpointError(f"{name}: not a state dict of tensors.")
     return state
+
+
+def _unshare(
+    state: dict[str, torch.Tensor], name: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors safetensors can write, and {dropped name: kept name} for the tied ones.
+
+    Tied weights (an LM head sharing the embedding) are one tensor under two names; safetensors
+    refuses shared storage. As its own `save_model` does, every exact alias is written once under
+    the first name in the state dict's order (the embedding, registered before the head) and the
+    others are dropped, their names recorded in the file's metadata: the model ties them again
+    when it loads (`tie_word_embeddings`), so nothing is read or held twice. Tensors that overlap
+    without being the same view (slices of one fused buffer) are not ties: each gets a copy.
+    """
+    kept: dict[tuple, str] = {}
+    spans: list[tuple[int, int, str]] = []  # (start, end, kept name) of each tensor written
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for key, tensor in state.items():
+        if tensor.device.type == "meta":
+            raise InvalidCheckpointError(f"{name}: tensor {key!r} has no data (meta device).")
+        start = tensor.data_ptr()
+        view = (start, tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if view in kept and tensor.numel() > 0:
+            aliases[key] = kept[view]
+            continue
+        end = start + tensor.numel() * tensor.element_size()
+        overlaps = tensor.numel() > 0 and any(s < end and start < e for s, e, _ in spans)
+        tensors[key] = tensor.contiguous().clone() if overlaps else tensor.contiguous()
+        kept[view] = key
+        spans.append((start, end, key))
+    if aliases:
+        logger.info("%s: tied tensors written once: %s", name, aliases)
+    return tensors, aliases
 
 
 def convert_pickle_checkpoint(source, dest: Path) -> Path:
@@ -66,18 +100,9 @@ def convert_pickle_checkpoint(source, dest: Path) -> Path:
                 if path is None:
                     path = str(work / ("download-" + os.path.basename(name)))
                     Path(path).write_bytes(source.read_bytes(name))
-                state = _load(path, name)
-                seen: set[int] = set()
-                tensors = {}
-                for key, tensor in state.items():
-                    # safetensors refuses shared storage (tied weights): give each tensor its own.
-                    ptr = tensor.untyped_storage().data_ptr()
-                    tensors[key] = (
-                        tensor.contiguous().clone() if ptr in seen else tensor.contiguous()
-                    )
-                    seen.add(ptr)
+                tensors, aliases = _unshare(_load(path, name), name)
                 out = Path(name).stem + ".safetensors"
-                save_file(tensors, str(work / out), metadata={"format": "pt"})
+                save_file(tensors, str(work / out), metadata={"format": "pt", **aliases})
                 weight_map.update({key: out for key in tensors})
                 if path.startswith(str(work)):
                     os.remove(path)
