@@ -98,12 +98,21 @@ def test_platform_helper_on_this_machine():
 
 
 def test_active_implementation_reported(llama_checkpoint, caplog):
+    """What "auto" picks follows from this machine's facts: flash_attention_2 on a CUDA device
+    where flash-attn works for bf16, else sdpa (Llama supports both)."""
+    from rabbit_engine.attention import probe_platform
+    from rabbit_engine.options import parse_device
     from rabbitllm import AutoModel
 
     _, path = llama_checkpoint
+    device = parse_device(None)
+    flash_ok, _ = flash_attention_status(torch.bfloat16, probe_platform())
+    expected = "flash_attention_2" if device.type == "cuda" and flash_ok else "sdpa"
     with caplog.at_level(logging.INFO):
-        with AutoModel.from_pretrained(path, attn_implementation="auto") as model:
-            assert model.active_attention_implementation == "sdpa"  # no CUDA here
-    assert "Model initialized with attn_implementation='sdpa'" in caplog.text
+        with AutoModel.from_pretrained(
+            path, attn_implementation="auto", dtype=torch.bfloat16
+        ) as model:
+            assert model.active_attention_implementation == expected
+    assert f"Model initialized with attn_implementation='{expected}'" in caplog.text
     with AutoModel.from_pretrained(path, attn_implementation="eager") as model:
         assert model.active_attention_implementation == "eager"
