@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 """Which attention kernel runs here, why, and (with --benchmark) what each one costs.
 
-  python tools/check_attention_and_benchmark.py                    # availability + active kernel
-  python tools/check_attention_and_benchmark.py --benchmark        # + tokens/s: auto vs sdpa vs eager
+  python tools/check_attention_and_benchmark.py              # availability + active kernel
+  python tools/check_attention_and_benchmark.py --benchmark  # + tokens/s: auto vs sdpa vs eager
   python tools/check_attention_and_benchmark.py --model org/name --device cuda --dtype bfloat16
 
 Prints `is_flash_attention_available()` and its reason, then the implementation the engine picked
 for the model (`model.active_attention_implementation`) with `attn_implementation="auto"`. The
 benchmark loads the model once per implementation and times greedy decoding of the same prompt
-(prefill excluded: the first token's time is subtracted), so the figures compare kernels, not loads.
-Without --model it uses the default model (SmolLM2-135M-Instruct, built into the cache on first use).
+(prefill excluded: the first token's time is subtracted), so the figures compare kernels, not
+loads. Without --model it uses the default model (SmolLM2-135M-Instruct, built into the cache on
+first use). The options are built as `StreamingOptions`, so a bad --device or --dtype fails with
+the engine's own message before any weight is read.
 """
 
 from __future__ import annotations
@@ -41,15 +43,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load(source: str, impl: str, args: argparse.Namespace):
+    from rabbit_engine.options import StreamingOptions
     from rabbitllm import AutoModel
 
-    return AutoModel.from_pretrained(
-        source,
+    options = StreamingOptions.create(
         device=args.device,
         dtype=args.dtype,
         attn_implementation=impl,
         max_memory=args.max_memory,
     )
+    return AutoModel.from_pretrained(source, options=options)
 
 
 def decode_rate(model, input_ids, tokens: int) -> float:
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load(source, "auto", args)
     print(f"model: {source}")
     print(
-        f"active implementation with attn_implementation='auto': {model.active_attention_implementation}"
+        "active implementation with attn_implementation='auto': "
+        f"{model.active_attention_implementation}"
     )
     print(f"device: {model.device}, dtype: {model.dtype}")
     if not args.benchmark:

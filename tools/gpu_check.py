@@ -61,9 +61,8 @@ def main() -> int:
                     f"{'ok  ' if ok else 'FAIL'} {family:16s} {str(dtype):15s} {detail}", flush=True
                 )
     print(f"parity: {failures} failure(s) in {time.time() - start:.0f}s")
-    bench = ROOT / "tools" / "bench.py"
-    if bench.exists():
-        subprocess.run([sys.executable, str(bench), "--quick", "--device", "cuda"], check=False)
+    bench = [sys.executable, "-m", "tools.rabbit_bench", "--quick", "--device", "cuda"]
+    subprocess.run(bench, cwd=ROOT, check=False)
     return 1 if failures else 0
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from rabbit_engine.budget import AUTO_HEADROOM, resolve_budget
-from rabbit_engine.cgroup import cgroup_available_memory
+from rabbit_engine.cgroup import MemoryCgroup, cgroup_available_memory, memory_cgroups
 
 MIB = 2**20
 
@@ -35,7 +35,8 @@ def _v1_tree(tmp_path: Path, *, limit: int, usage: int, cache: int) -> Path:
     group = mount / "docker/abc"
     group.mkdir(parents=True)
     (group / "memory.stat").write_text(
-        f"cache 4096\nrss 8192\nhierarchical_memory_limit {limit}\nhierarchical_memsw_limit {limit}\n"
+        f"cache 4096\nrss 8192\nhierarchical_memory_limit {limit}\n"
+        f"hierarchical_memsw_limit {limit}\n"
         f"total_cache {cache}\ntotal_rss {usage - cache}\n"
     )
     (group / "memory.usage_in_bytes").write_text(f"{usage}\n")
@@ -67,6 +68,32 @@ def test_v1_unlimited_and_namespaced_mount_root(tmp_path):
     group = _v1_tree(limited, limit=800 * MIB, usage=100 * MIB, cache=0) / "docker/abc"
     proc2 = _proc(limited, "4:memory:/\n", _v1_mountinfo(group, root="/docker/abc"))
     assert cgroup_available_memory(proc2) == 700 * MIB
+
+
+def test_memory_cgroups_apply_the_mount_root_and_list_v1_first(tmp_path):
+    """The directories the bench makes its own cgroups under: inside a cgroup namespace the v1
+    mount's root is the group itself, so the path must not be appended to the mount twice."""
+    mount = tmp_path / "sys/memory"
+    unified = tmp_path / "unified"
+    mountinfo = _v1_mountinfo(mount, root="/docker/abc") + (
+        f"41 31 0:38 /sub {unified} rw,relatime - cgroup2 cgroup2 rw,nsdelegate\n"
+    )
+    proc = _proc(tmp_path, "0::/sub/job\n5:devices:/\n4:memory:/docker/abc/inner\n", mountinfo)
+    assert memory_cgroups(proc) == [
+        MemoryCgroup(1, mount / "inner", mount),
+        MemoryCgroup(2, unified / "job", unified),
+    ]
+    # a path outside the mount's root (no namespace): taken relative to the mount point
+    (tmp_path / "plain").mkdir()
+    proc2 = _proc(tmp_path / "plain", "4:memory:/docker/abc\n", _v1_mountinfo(mount))
+    assert memory_cgroups(proc2) == [MemoryCgroup(1, mount / "docker/abc", mount)]
+    # a sibling whose name merely starts like the mount's root is not inside it
+    (tmp_path / "sibling").mkdir()
+    proc3 = _proc(
+        tmp_path / "sibling", "4:memory:/docker/abcdef\n", _v1_mountinfo(mount, root="/docker/abc")
+    )
+    assert memory_cgroups(proc3) == [MemoryCgroup(1, mount / "docker/abcdef", mount)]
+    assert memory_cgroups(tmp_path / "no-proc") == []
 
 
 def _v2_level(directory: Path, limit: str, current: int, file: int) -> None:
@@ -101,7 +128,7 @@ def test_no_cgroup_files_means_no_limit(tmp_path):
 def test_auto_budget_is_capped_by_a_real_memory_cgroup(tmp_path):
     """Run resolve_budget("auto") inside a 1 GiB memory cgroup: the budget must come from the
     cgroup (below 1 GiB), not from the host's free RAM. Needs root and a writable memory controller
-    (as tools/bench.py's cold regime does); elsewhere the fake trees above cover the parsing."""
+    (as the bench's cold regime does); elsewhere the fake trees above cover the parsing."""
     v1 = Path("/sys/fs/cgroup/memory")
     if os.geteuid() != 0 or not os.access(v1, os.W_OK):
         pytest.skip("needs root and a writable cgroup-v1 memory controller")

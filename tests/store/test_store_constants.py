@@ -103,8 +103,7 @@ def test_every_constant_is_defined_only_in_rabbit_store_constants():
     assert not twice, sorted(twice)
 
 
-def test_the_facade_reexports_the_constants():
+def test_the_facade_uses_the_store_cache_root():
     from rabbitllm import default_model
 
     assert default_model.cache_root is constants.cache_root
-    assert default_model.CACHE_ENV == constants.CACHE_ENV

@@ -6,12 +6,15 @@ a resident set the cgroup cannot hold and the kernel would kill the process. Nei
 torch reads cgroup limits, hence this module. Both hierarchies are read: v2 (`memory.max`, checked
 at every ancestor) and v1 (`hierarchical_memory_limit`, which already folds the ancestors in).
 Page cache charged to the cgroup counts as available: the kernel reclaims it before it kills.
+`memory_cgroups` is the one reader of /proc/self/cgroup and the cgroup mounts: the bench
+(tools/rabbit_bench) places the memory cgroups it makes for its cold regime with it too.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -41,8 +44,46 @@ def _mounts(proc_self: Path) -> list[tuple[str, str, str, set[str]]]:
 
 def _under(mount_root: str, mount_point: str, path: str) -> Path:
     """Where a /proc/self/cgroup path lives under a mount (whose root may be a sub-cgroup)."""
-    rel = os.path.relpath(path, mount_root) if path.startswith(mount_root) else path.lstrip("/")
+    root = mount_root.rstrip("/") + "/"
+    inside = path == mount_root or (path + "/").startswith(root)
+    rel = os.path.relpath(path, mount_root) if inside else path.lstrip("/")
     return Path(mount_point) / ("" if rel == "." else rel)
+
+
+@dataclass(frozen=True)
+class MemoryCgroup:
+    """This process's place in one memory hierarchy: `path` is its own cgroup directory (the
+    mount's root already applied, so it is right inside a cgroup namespace too)."""
+
+    version: int  # 1: a v1 `memory` hierarchy; 2: the unified hierarchy
+    path: Path
+    mount_point: Path
+
+
+def memory_cgroups(proc_self: str | os.PathLike[str] = "/proc/self") -> list[MemoryCgroup]:
+    """The cgroup directories of this process that may hold a memory limit, v1 ones first.
+
+    A v2 entry does not promise that the memory controller is enabled there; reading its files
+    tells. Empty when /proc is unreadable (not Linux, or hidden).
+    """
+    proc = Path(proc_self)
+    try:
+        memberships = (proc / "cgroup").read_text().splitlines()
+        mounts = _mounts(proc)
+    except OSError:
+        return []
+    found: list[MemoryCgroup] = []
+    for line in memberships:
+        _, controllers, path = line.split(":", 2)
+        for root, point, fstype, options in mounts:
+            if controllers == "" and fstype == "cgroup2":
+                version = 2
+            elif "memory" in controllers.split(",") and fstype == "cgroup" and "memory" in options:
+                version = 1
+            else:
+                continue
+            found.append(MemoryCgroup(version, _under(root, point, path), Path(point)))
+    return sorted(found, key=lambda cg: cg.version)
 
 
 def _v2_available(directory: Path, mount_point: Path) -> int | None:
@@ -73,30 +114,16 @@ def _v1_available(directory: Path) -> int | None:
 
 def cgroup_available_memory(proc_self: str | os.PathLike[str] = "/proc/self") -> int | None:
     """Bytes this process's memory cgroups still allow (None: no limit, or no cgroup to read)."""
-    proc = Path(proc_self)
-    try:
-        memberships = (proc / "cgroup").read_text().splitlines()
-        mounts = _mounts(proc)
-    except OSError:
-        return None  # not Linux, or /proc hidden
     found: list[int] = []
-    for line in memberships:
-        _, controllers, path = line.split(":", 2)
-        for root, point, fstype, options in mounts:
-            try:
-                if controllers == "" and fstype == "cgroup2":
-                    value = _v2_available(_under(root, point, path), Path(point))
-                elif (
-                    "memory" in controllers.split(",")
-                    and fstype == "cgroup"
-                    and "memory" in options
-                ):
-                    value = _v1_available(_under(root, point, path))
-                else:
-                    continue
-            except (OSError, ValueError) as exc:  # a controller not enabled there, unreadable files
-                logger.debug("cgroup memory limit at %s not readable: %s", point, exc)
-                continue
-            if value is not None:
-                found.append(value)
+    for group in memory_cgroups(proc_self):
+        try:
+            if group.version == 2:
+                value = _v2_available(group.path, group.mount_point)
+            else:
+                value = _v1_available(group.path)
+        except (OSError, ValueError) as exc:  # a controller not enabled there, unreadable files
+            logger.debug("cgroup memory limit at %s not readable: %s", group.path, exc)
+            continue
+        if value is not None:
+            found.append(value)
     return min(found) if found else None

@@ -21,6 +21,9 @@ XDG_CACHE_ENV = "XDG_CACHE_HOME"
 #: huggingface_hub's offline switch and cache location, re-read at call time (see hub_offline).
 HF_HUB_OFFLINE_ENV = "HF_HUB_OFFLINE"
 HF_HUB_CACHE_ENV = "HF_HUB_CACHE"
+#: A RabbitLLM source checkout for `rabbit bench` to run tools/rabbit_bench from, for installs that
+#: are not inside one.
+CHECKOUT_ENV = "RABBITLLM_CHECKOUT"
 
 #: Values of a boolean environment variable that mean "on", compared case-insensitively: the set
 #: huggingface_hub uses for HF_HUB_OFFLINE, so that both read the same variable the same way.

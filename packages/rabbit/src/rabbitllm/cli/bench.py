@@ -1,10 +1,12 @@
-"""`rabbit bench`: run tools/bench.py (the perf team's measurement) on a model.
+"""`rabbit bench`: run the repository's side-by-side benchmark (tools/rabbit_bench) on a model.
 
-tools/bench.py belongs to the source checkout, not to the installed package: it starts child
-processes and caps their memory, which a library has no business doing. So the command looks for it
-beside the package (editable installs) or in the current directory, runs it in a child process with
-this Python, and says clearly when it is not there. Arguments after `--` go to bench.py unchanged
-(`rabbit bench -- --regimes warm --tokens 4`). Without --model it measures the default model.
+The bench is a development tool that lives in the source checkout's tools/, not in the installed
+package: it starts a child process per engine and caps their memory with cgroups, which a library
+has no business doing. So this command finds the checkout (the one this package is installed from
+in editable mode, or the working directory or a parent of it), runs `python -m tools.rabbit_bench`
+there with this Python, and says clearly when there is no checkout. Arguments after `--` go to the
+bench unchanged (`rabbit bench -- --regimes warm --tokens 4`). Without --model it measures the
+default model.
 """
 
 from __future__ import annotations
@@ -16,17 +18,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rabbit_store.constants import CHECKOUT_ENV as BENCH_ENV
 from rabbitllm.cli.console import Console
 from rabbitllm.cli.errors import FeatureNotAvailableError
 
-BENCH_ENV = "RABBITLLM_BENCH"  # explicit path to bench.py, for installs outside the checkout
+#: The package, relative to a checkout's root.
+BENCH_PACKAGE = Path("tools") / "rabbit_bench"
+BENCH_MODULE = "tools.rabbit_bench"
 
 
 def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p = subparsers.add_parser(
         "bench",
         parents=[common],
-        help="run tools/bench.py's measurement (source checkout only)",
+        help="run the repository's benchmark, tools/rabbit_bench (source checkout only)",
         description=__doc__.split("\n\n", 1)[1],
     )
     p.add_argument(
@@ -39,31 +44,44 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "bench_args",
         nargs=argparse.REMAINDER,
         metavar="-- ARGS",
-        help="more arguments for tools/bench.py (after --)",
+        help="more arguments for python -m tools.rabbit_bench (after --)",
     )
     p.set_defaults(func=run)
 
 
-def find_bench_script() -> Path | None:
-    """$RABBITLLM_BENCH, else tools/bench.py in a parent of this package or of the working directory."""
+def is_checkout(folder: Path) -> bool:
+    return (folder / BENCH_PACKAGE / "__main__.py").is_file() and (
+        folder / "tools" / "__init__.py"
+    ).is_file()
+
+
+def find_checkout() -> Path:
+    """$RABBITLLM_CHECKOUT, else the checkout above this package (editable installs), else the
+    working directory or one of its parents. Raises FeatureNotAvailableError naming what is
+    missing."""
     explicit = os.environ.get(BENCH_ENV)
     if explicit:
-        return Path(explicit) if Path(explicit).is_file() else None
+        folder = Path(explicit).expanduser().resolve()
+        if is_checkout(folder):
+            return folder
+        raise FeatureNotAvailableError(
+            f"rabbit bench: {BENCH_ENV}={explicit} is not a RabbitLLM source checkout (no "
+            f"{BENCH_PACKAGE}/__main__.py there); point it at the repository's root."
+        )
     for start in (Path(__file__).resolve(), Path.cwd().resolve()):
         for folder in (start, *start.parents):
-            candidate = folder / "tools" / "bench.py"
-            if candidate.is_file():
-                return candidate
-    return None
+            if is_checkout(folder):
+                return folder
+    raise FeatureNotAvailableError(
+        f"rabbit bench is not available here: the benchmark is a development tool that lives in "
+        f"the repository's {BENCH_PACKAGE}/ and is not installed with the package. Run this from "
+        f"a clone of the RabbitLLM repository (or set {BENCH_ENV} to one), or run "
+        f"`python -m {BENCH_MODULE}` from the clone's root."
+    )
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    script = find_bench_script()
-    if script is None:
-        raise FeatureNotAvailableError(
-            "rabbit bench is not available: tools/bench.py was not found (it ships with the source "
-            f"checkout; run from there, or set {BENCH_ENV}=/path/to/bench.py)."
-        )
+    checkout = find_checkout()
     extra = list(args.bench_args or [])
     if extra[:1] == ["--"]:
         extra = extra[1:]
@@ -73,6 +91,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
         from rabbitllm.default_model import default_model_path
 
         model = str(default_model_path(progress=not console.quiet))
-    command = [sys.executable, str(script), "--model", model, *extra]
-    console.note(f"running {script}")
-    return subprocess.call(command, cwd=script.parent.parent)
+    command = [sys.executable, "-m", BENCH_MODULE, "--model", model, *extra]
+    console.note(f"running python -m {BENCH_MODULE} in {checkout}")
+    return subprocess.call(command, cwd=checkout)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark rabbit-store's split against a plain `cp` of the same checkpoint.
 
 Writes a Llama-shaped bf16 safetensors checkpoint (default: TinyLlama-1.1B sizes, ~2.2 GB, in
@@ -10,8 +9,8 @@ run is timed to the end of the command ("cached": data handed to the kernel) and
 `os.sync()` ("synced": data on disk), with dirty pages flushed before each run, so neither pays the
 other's writeback.
 
-    python tools/bench_split.py                      # ~2.2 GB in a temp dir
-    python tools/bench_split.py --layers 4 --repeat 2 --workdir /mnt/nvme/bench
+    python -m tools.rabbit_bench.split               # ~2.2 GB in a temp dir
+    python -m tools.rabbit_bench.split --layers 4 --repeat 2 --workdir /mnt/nvme/bench
 """
 
 from __future__ import annotations
@@ -115,7 +114,9 @@ def timed(action) -> tuple[float, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m tools.rabbit_bench.split",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=5632)
@@ -133,7 +134,8 @@ def main() -> None:
         src, copy_dir, split_dir = work / "src", work / "copy", work / "split"
         total = write_checkpoint(src, args)
         print(
-            f"checkpoint: {total / 1e9:.2f} GB in {len(list(src.glob('*.safetensors')))} shards, {args.layers} layers"
+            f"checkpoint: {total / 1e9:.2f} GB in {len(list(src.glob('*.safetensors')))} shards, "
+            f"{args.layers} layers"
         )
 
         def copy() -> None:
@@ -149,16 +151,19 @@ def main() -> None:
                 results[name].append(timed(action))
                 cached, synced, cpu = results[name][-1]
                 print(
-                    f"run {run + 1} {name:5s}: {cached:6.2f} s cached, {synced:6.2f} s synced, {cpu:6.2f} s CPU"
+                    f"run {run + 1} {name:5s}: {cached:6.2f} s cached, {synced:6.2f} s synced, "
+                    f"{cpu:6.2f} s CPU"
                 )
         best = {name: [min(r[k] for r in runs) for k in range(3)] for name, runs in results.items()}
         for mode, k in (("cached", 0), ("synced", 1), ("CPU", 2)):
             ratio = best["split"][k] / best["cp"][k]
             print(
-                f"best {mode:6s}: cp {best['cp'][k]:6.2f} s, split {best['split'][k]:6.2f} s -> ratio split/copy = {ratio:.2f}"
+                f"best {mode:6s}: cp {best['cp'][k]:6.2f} s, split {best['split'][k]:6.2f} s "
+                f"-> ratio split/copy = {ratio:.2f}"
             )
         print(
-            f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (others' work inflates both)"
+            f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+            "(others' work inflates both)"
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -5,9 +5,13 @@ Order of preference (`probe_cap_method`):
    `memory.max` set below the model's size. The kernel then keeps at most that much of the child's
    anonymous memory *and* page cache; a model bigger than the cap is re-read from disk every token.
    The files are evicted first (so the child faults them in itself and is charged for them).
-2. `evict`: no cgroup we may write to. The child runner evicts the checkpoint files' pages after every
-   step instead (`madvise(MADV_PAGEOUT)` over its own mappings of them, then
+2. `evict`: no cgroup we may write to. The child runner evicts the checkpoint files' pages after
+   every step instead (`madvise(MADV_PAGEOUT)` over its own mappings of them, then
    `posix_fadvise(DONTNEED)`), so the next step starts cold. Nothing caps memory in this mode.
+
+Where this process's cgroups are (its /proc/self/cgroup and the cgroup mounts, mount roots
+applied) is the engine's reading, `rabbit_engine.cgroup.memory_cgroups`: the limit the bench sets
+is the one `max_memory="auto"` then reads back, so both must agree on the directories.
 """
 
 from __future__ import annotations
@@ -17,14 +21,18 @@ import ctypes.util
 import mmap
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+from rabbit_engine.cgroup import memory_cgroups
+
 MADV_PAGEOUT = 21
+#: Files given by path, as the checkpoint helpers list them.
+Paths = Sequence[str | os.PathLike[str]]
 _libc = None
 
 
-def libc():
+def libc() -> ctypes.CDLL:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -43,8 +51,8 @@ def libc():
     return _libc
 
 
-# ---- page cache -----------------------------------------------------------------------------------
-def evict_files(paths) -> None:
+# ---- page cache ----------------------------------------------------------------------------
+def evict_files(paths: Paths) -> None:
     """Drop the files' clean pages from the page cache (dirty ones are written back first)."""
     for p in paths:
         try:
@@ -60,7 +68,7 @@ def evict_files(paths) -> None:
             os.close(fd)
 
 
-def pageout_own_mappings(paths) -> int:
+def pageout_own_mappings(paths: Paths) -> int:
     """`madvise(MADV_PAGEOUT)` over this process's mappings of `paths` (pages still mapped survive
     `posix_fadvise` otherwise). Returns the number of mappings advised."""
     wanted = {str(Path(p).resolve()) for p in paths}
@@ -78,7 +86,7 @@ def pageout_own_mappings(paths) -> int:
     return n
 
 
-def resident_fraction(paths) -> float:
+def resident_fraction(paths: Paths) -> float:
     """Share of the files' pages now in the page cache (mincore)."""
     page = mmap.PAGESIZE
     total = resident = 0
@@ -104,7 +112,7 @@ def resident_fraction(paths) -> float:
     return resident / total if total else 0.0
 
 
-def warm_files(paths, block: int = 16 << 20) -> None:
+def warm_files(paths: Paths, block: int = 16 << 20) -> None:
     buf = bytearray(block)
     for p in paths:
         with open(p, "rb", buffering=0) as f:
@@ -112,7 +120,9 @@ def warm_files(paths, block: int = 16 << 20) -> None:
                 pass
 
 
-def read_bandwidth(paths, block: int = 1 << 20, limit: int | None = None) -> tuple[float, int]:
+def read_bandwidth(
+    paths: Paths, block: int = 1 << 20, limit: int | None = None
+) -> tuple[float, int]:
     """Evict, then read the files sequentially with read() (the first `limit` bytes, if given):
     (bytes/s, bytes).
 
@@ -129,7 +139,7 @@ def read_bandwidth(paths, block: int = 1 << 20, limit: int | None = None) -> tup
     return total / (time.perf_counter() - start), total
 
 
-def mmap_fault_bandwidth(paths) -> tuple[float, int]:
+def mmap_fault_bandwidth(paths: Paths) -> tuple[float, int]:
     """Evict, then touch every page of a read-only mapping in order (how mmap readers fault)."""
     import numpy as np
 
@@ -158,28 +168,7 @@ def drop_caches() -> bool:
         return False
 
 
-# ---- cgroups --------------------------------------------------------------------------------------
-def _own_cgroups() -> dict[str, str]:
-    """controller -> path of this process's cgroup ('' key = the v2 unified hierarchy)."""
-    out = {}
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            out[""] = path
-        for c in controllers.split(","):
-            out[c] = path
-    return out
-
-
-def _mounts() -> list[tuple[str, str, str]]:
-    rows = []
-    for line in Path("/proc/mounts").read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 4:
-            rows.append((parts[1], parts[2], parts[3]))
-    return rows
-
-
+# ---- cgroups -------------------------------------------------------------------------------
 class Cgroup:
     """A memory cgroup made for one child; `preexec` puts the forked child in it."""
 
@@ -240,57 +229,52 @@ class Cgroup:
 
 
 def make_cgroup(name: str) -> tuple[Cgroup | None, str]:
-    """A fresh child memory cgroup of ours, or (None, why not)."""
-    own = _own_cgroups()
-    mounts = _mounts()
+    """A fresh child memory cgroup of ours, or (None, why not).
+
+    v1 first (a `memory` hierarchy of its own), then v2 (the unified hierarchy, with the memory
+    controller delegated to our subtree).
+    """
+    groups = memory_cgroups()
+    if not groups:
+        return None, "no memory cgroup in /proc/self/cgroup (or /proc unreadable)"
     reasons = []
-    # v1: a 'memory' hierarchy mounted on its own.
-    if "memory" in own:
-        for mnt, fstype, opts in mounts:
-            if fstype == "cgroup" and "memory" in opts.split(","):
-                path = Path(mnt) / own["memory"].lstrip("/") / name
-                try:
-                    path.mkdir()
-                except OSError as e:
-                    reasons.append(f"v1 mkdir {path}: {e.strerror}")
-                    break
-                cg = Cgroup(1, path)
-                try:
-                    cg.set_limit(1 << 62)
-                except OSError as e:
-                    cg.remove()
-                    reasons.append(f"v1 limit: {e.strerror}")
-                    break
-                return cg, ""
-        else:
-            reasons.append("no v1 memory hierarchy mounted")
-    # v2: the unified hierarchy with 'memory' delegated to our subtree.
-    if "" in own:
-        for mnt, fstype, _ in mounts:
-            if fstype != "cgroup2":
-                continue
-            here = Path(mnt) / own[""].lstrip("/")
+    for group in groups:
+        if group.version == 1:
+            path = group.path / name
             try:
-                controllers = (here / "cgroup.controllers").read_text().split()
-            except OSError as e:
-                reasons.append(f"v2 {here}: {e.strerror}")
-                continue
-            if "memory" not in controllers:
-                reasons.append(
-                    f"v2 {here}: memory controller not available ({' '.join(controllers) or 'none'})"
-                )
-                continue
-            try:
-                sub = (here / "cgroup.subtree_control").read_text().split()
-                if "memory" not in sub:
-                    (here / "cgroup.subtree_control").write_text("+memory")
-                path = here / name
                 path.mkdir()
             except OSError as e:
-                reasons.append(f"v2 delegate memory under {here}: {e.strerror}")
+                reasons.append(f"v1 mkdir {path}: {e.strerror}")
                 continue
-            return Cgroup(2, path), ""
-    return None, "; ".join(reasons) or "no cgroup found"
+            cg = Cgroup(1, path)
+            try:
+                cg.set_limit(1 << 62)
+            except OSError as e:
+                cg.remove()
+                reasons.append(f"v1 limit: {e.strerror}")
+                continue
+            return cg, ""
+        here = group.path
+        try:
+            controllers = (here / "cgroup.controllers").read_text().split()
+        except OSError as e:
+            reasons.append(f"v2 {here}: {e.strerror}")
+            continue
+        if "memory" not in controllers:
+            have = " ".join(controllers) or "none"
+            reasons.append(f"v2 {here}: memory controller not available ({have})")
+            continue
+        try:
+            sub = (here / "cgroup.subtree_control").read_text().split()
+            if "memory" not in sub:
+                (here / "cgroup.subtree_control").write_text("+memory")
+            path = here / name
+            path.mkdir()
+        except OSError as e:
+            reasons.append(f"v2 delegate memory under {here}: {e.strerror}")
+            continue
+        return Cgroup(2, path), ""
+    return None, "; ".join(reasons)
 
 
 def probe_cap_method() -> tuple[str, str]:

@@ -1,15 +1,16 @@
 """Run a checkpoint larger than this machine's RAM through RabbitLLM and record what it costs.
 
-The side-by-side benchmark (`tools/bench.py`) makes "larger than memory" with a memory cgroup around a
-2 GB model. This is the real thing, run by hand: a checkpoint bigger than physical RAM, no cap, no
-other engine (transformers in memory cannot load it at all). It prints tokens/s, the decode step
-against the storage floor (decoder-layer bytes / sequential cold read bandwidth of the same files,
-measured in this run), the bytes read from disk per token, and peak RSS / anonymous memory.
+The side-by-side benchmark (`python -m tools.rabbit_bench`) makes "larger than memory" with a
+memory cgroup around a 2 GB model. This is the real thing, run by hand: a checkpoint bigger than
+physical RAM, no cap, no other engine (transformers in memory cannot load it at all). It prints
+tokens/s, the decode step against the storage floor (decoder-layer bytes / sequential cold read
+bandwidth of the same files, measured in this run), the bytes read from disk per token, and peak
+RSS / anonymous memory.
 
-    python tools/bench.py --make-checkpoint ...         # or any local checkpoint directory
-    python tools/bench_larger_than_ram.py /path/to/checkpoint --tokens 4 --json out.json
+    python -m tools.rabbit_bench.larger_than_ram /path/to/checkpoint --tokens 4 --json out.json
+    python -m tools.rabbit_bench.larger_than_ram --make 6144,37,16384,48,8 --workdir /root/big
 
-Random-weight checkpoints of any size come from `bench_lib.checkpoint.make_checkpoint`
+Random-weight checkpoints of any size come from `checkpoint.make_checkpoint`
 (`--make hidden,layers,intermediate,heads,kv_heads` writes one under `--workdir` first).
 """
 
@@ -23,12 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from bench_lib import memcap
-from bench_lib.checkpoint import Shape, checkpoint_files, make_checkpoint
-from bench_lib.child import MemorySampler, io_read_bytes
+from . import memcap
+from .checkpoint import Shape, checkpoint_files, layer_facts, make_checkpoint
+from .child import MemorySampler, io_read_bytes
 
 GIB = 2**30
 
@@ -42,7 +40,9 @@ def sample_bandwidth(files: list[Path], limit: int = 4 * GIB) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m tools.rabbit_bench.larger_than_ram", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("model", nargs="?", help="checkpoint directory (or use --make)")
     ap.add_argument(
         "--make", default=None, help="hidden,layers,intermediate,heads,kv_heads of a random Llama"
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--max-memory", default=None, help="RabbitLLM max_memory (default: stream every layer)"
     )
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -84,17 +85,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import DynamicCache
 
+    from rabbit_engine.options import StreamingOptions
     from rabbitllm import AutoModel
 
+    options = StreamingOptions.create(device=args.device, max_memory=args.max_memory, profile=True)
+    layer_sizes = layer_facts(path)["layer_sizes"]
     memory = MemorySampler(interval=0.01).__enter__()
     t0 = time.perf_counter()
-    model = AutoModel.from_pretrained(str(path), max_memory=args.max_memory, profile=True)
+    model = AutoModel.from_pretrained(str(path), options=options)
     load_s = time.perf_counter() - t0
-    streamer = model._rabbit_streamer
-    resident = streamer.resident_layers
-    layer_bytes = sum(
-        streamer.weight_map.nbytes(i) for i in range(streamer.num_layers) if i not in resident
-    )
+    stats = model.streamer_stats
+    num_layers, resident = stats["num_layers"], set(stats["resident_layers"])
+    layer_bytes = sum(n for i, n in enumerate(layer_sizes) if i not in resident)
     ids = torch.randint(
         3, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0)
     )
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     memory.__exit__()
     # The disk's speed drifts (a shared virtual disk's host has its own cache): bracket the run and
-    # take the better sample, as tools/bench.py does.
+    # take the better sample, as the bench does.
     after = sample_bandwidth(files)
     bw = max(before, after)
     floor = layer_bytes / bw
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     median = sorted(steps)[len(steps) // 2]
     result = {
         "resident_layers": sorted(resident),
-        "num_layers": streamer.num_layers,
+        "num_layers": num_layers,
         "bandwidth_samples_gib_s": [before / GIB, after / GIB],
         "model": str(path),
         "size_gb": size / 1e9,
@@ -153,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         "profile": report.get("summary"),
     }
     print(
-        f"resident decoder layers: {len(resident)} of {streamer.num_layers}; cold read bandwidth before/after: "
-        f"{before / GIB:.2f} / {after / GIB:.2f} GiB/s"
+        f"resident decoder layers: {len(resident)} of {num_layers}; cold read bandwidth "
+        f"before/after: {before / GIB:.2f} / {after / GIB:.2f} GiB/s"
     )
     print(
         f"decode: median {median:.2f} s/token = {1 / median:.3f} tokens/s; floor {floor:.2f} s "
-        f"({layer_bytes / 1e9:.1f} GB streamed / {bw / GIB:.2f} GiB/s): {median / floor:.2f}x the floor"
+        f"({layer_bytes / 1e9:.1f} GB streamed / {bw / GIB:.2f} GiB/s): "
+        f"{median / floor:.2f}x the floor"
     )
     print(
         f"peak RSS {result['peak_rss_mb']:,.0f} MB (VmHWM: mapped file pages included), "

@@ -1,8 +1,8 @@
 """One engine, one regime, in its own process: load, prefill, N timed decode steps, report.
 
-Run as `python tools/bench.py --child SPEC.json`; writes SPEC['result'] (JSON) and SPEC['logits']
-(float32 last-position logits of every step, raw little-endian). Imports of torch and the engines
-happen here, never in the parent, so RSS and caches are this process's own.
+Run as `python -m tools.rabbit_bench --child SPEC.json`; writes SPEC['result'] (JSON) and
+SPEC['logits'] (float32 last-position logits of every step, raw little-endian). Imports of torch
+and the engines happen here, never in the parent, so RSS and caches are this process's own.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench_lib import memcap
+from . import memcap
 
 _STATUS_KEYS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")
 
@@ -33,7 +33,8 @@ def read_status() -> dict[str, int]:
 
 
 class MemorySampler:
-    """Polls /proc/self/status (VmHWM is the kernel's own peak RSS; RssAnon has no peak, so we poll)."""
+    """Polls /proc/self/status (VmHWM is the kernel's own peak RSS; RssAnon has no peak, so we
+    poll)."""
 
     def __init__(self, interval: float = 0.005) -> None:
         self.interval = interval
@@ -95,7 +96,8 @@ def background_tids() -> set[int]:
 
 
 class StepCounters:
-    """Storage bytes read and major faults (compute threads vs the engine's helper threads) in a step."""
+    """Storage bytes read and page faults (compute threads vs the engine's helper threads) and CPU
+    time in each decode step."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
@@ -138,8 +140,10 @@ class StepCounters:
         }
 
 
-def disk_device_map(path: str, resident) -> dict:
-    """Every decoder layer on "disk", everything else (embeddings, norm, head, rotary) on `resident`."""
+def disk_device_map(path: str, resident: int | str) -> dict:
+    """Every decoder layer on "disk", everything else (embeddings, norm, head, rotary) on
+    `resident`."""
+    import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -148,10 +152,7 @@ def disk_device_map(path: str, resident) -> dict:
         skeleton = AutoModelForCausalLM.from_config(config)
     layers = None
     for name, module in skeleton.named_modules():
-        if (
-            isinstance(module, __import__("torch").nn.ModuleList)
-            and len(module) == config.num_hidden_layers
-        ):
+        if isinstance(module, torch.nn.ModuleList) and len(module) == config.num_hidden_layers:
             layers = name
             break
     if layers is None:
@@ -174,24 +175,30 @@ def disk_device_map(path: str, resident) -> dict:
     return device_map
 
 
-def load_engine(spec: dict):
+def streaming_options(spec: dict):
+    """RabbitLLM's runtime options for this run, built and validated by the engine's own class
+    (a bad value fails here with the message a user would see)."""
+    from rabbit_engine.options import StreamingOptions
 
+    return StreamingOptions.create(
+        device=spec.get("device") or "cpu",
+        dtype=None,  # the checkpoint's own, as transformers' dtype="auto" below
+        max_memory=spec.get("max_memory"),
+        prefetch=spec.get("prefetch", 2),
+        profile=spec.get("profile", True),
+    )
+
+
+def load_engine(spec: dict):
     engine = spec["engine"]
     path = spec["path"]
     device = spec.get("device") or "cpu"
     if engine.startswith("rabbit"):
         from rabbitllm import AutoModel
 
-        kwargs = {
-            "dtype": None,
-            "device": None if device == "cpu" else device,
-            "max_memory": spec.get("max_memory"),
-            "prefetch": spec.get("prefetch", 2),
-            "profile": spec.get("profile", True),
-        }
-        if spec.get("layers_path"):
-            kwargs["layers_path"] = spec["layers_path"]
-        return AutoModel.from_pretrained(path, **kwargs)
+        return AutoModel.from_pretrained(
+            path, layers_path=spec.get("layers_path"), options=streaming_options(spec)
+        )
     from transformers import AutoModelForCausalLM
 
     if engine == "transformers":

@@ -1,11 +1,15 @@
-"""A Llama-shaped random checkpoint in bf16, sharded like the hub's, cached between runs."""
+"""The checkpoint a bench measures: a Llama-shaped random one in bf16, sharded like the hub's and
+cached between runs, and the facts the floors and bounds need (through rabbit_store, torch-free)."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from rabbit_store import CheckpointIndex, LayerPlan, open_source
 
 SHARD_BYTES = 500 * 10**6  # hub-like shards (layers straddle shard boundaries)
 
@@ -69,15 +73,34 @@ def llama_config(shape: Shape):
     )
 
 
+def checkpoint_plan(path: Path) -> LayerPlan:
+    """The engine's own reading of the checkpoint: its shards' headers and its decoder layers."""
+    return LayerPlan.from_index(CheckpointIndex.load(open_source(str(path))))
+
+
 def checkpoint_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
-    return sorted(path.glob("*.safetensors"))
+    """The safetensors files of a checkpoint (the shards its index names, or the single file)."""
+    return [Path(path) / name for name in CheckpointIndex.load(open_source(str(path))).files]
 
 
-def make_checkpoint(shape: Shape, root: Path, *, fresh: bool = False, log=print) -> Path:
+def layer_facts(path: Path) -> dict:
+    """Byte counts the floors and the streaming memory bound are computed from."""
+    plan = checkpoint_plan(path)
+    layers = plan.layer_nbytes
+    total = plan.index.nbytes
+    return {
+        "layer_bytes": sum(layers),
+        "largest_layer": max(layers, default=0),
+        "num_layers": plan.num_layers,
+        "resident_bytes": total - sum(layers),
+        "total_bytes": total,
+        "layer_sizes": layers,
+    }
+
+
+def make_checkpoint(
+    shape: Shape, root: Path, *, fresh: bool = False, log: Callable[[str], object] = print
+) -> Path:
     """Write (or reuse) the checkpoint under `root/shape.key`; returns its directory."""
     import torch
     from safetensors.torch import save_file

@@ -1,1 +1,0 @@
-"""Helpers of tools/bench.py: checkpoint generation, memory capping, the per-engine child runner."""

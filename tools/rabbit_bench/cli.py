@@ -1,0 +1,274 @@
+"""The bench's flags and the order of a run: checkpoint, split, regimes, engines, results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from . import goals, table
+from .checkpoint import QUICK, Shape, checkpoint_files, layer_facts, shape_for_size
+from .machine import machine_info
+from .runner import Runner, child_bandwidth, log, make_split, merge_repeats, prepare_checkpoint
+from .spec import (
+    ENGINES,
+    GIB,
+    MB,
+    REGIME_ALIASES,
+    REGIMES,
+    cold_regime,
+    parse_choices,
+    run_order,
+)
+
+DESCRIPTION = (sys.modules[__package__].__doc__ or "").split("\n\n")[0]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m tools.rabbit_bench",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="a few-MB model, 4 decode steps: a smoke test"
+    )
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="measure this local checkpoint directory (config.json + safetensors) instead of a "
+        "generated one (the widths options are then ignored)",
+    )
+    ap.add_argument(
+        "--size-gb", type=float, default=2.0, help="model size in GB (1e9 bytes); sets --layers"
+    )
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=None, help="overrides --size-gb")
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--regimes", default=",".join(REGIMES), help="cold,warm,resident (or 1,2,3)")
+    ap.add_argument("--engines", default=",".join(ENGINES), help=",".join(ENGINES))
+    ap.add_argument(
+        "--tokens", type=int, default=None, help="decode steps timed (default 8; 4 with --quick)"
+    )
+    ap.add_argument("--prompt", type=int, default=16, help="prompt length in tokens")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every engine this many times per regime (order rotated); median over all steps",
+    )
+    ap.add_argument("--prefetch", type=int, default=2, help="RabbitLLM prefetch depth")
+    ap.add_argument("--no-profile", action="store_true", help="run RabbitLLM without its profiler")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads in every child (default: torch's)"
+    )
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="niceness of every child (negative needs root): on a machine others are using, "
+        "e.g. -10 keeps their load from dominating the timings",
+    )
+    ap.add_argument(
+        "--device", default="cpu", help="cpu or cuda (the cold regime caps host memory only)"
+    )
+    ap.add_argument(
+        "--cap-gb",
+        type=float,
+        default=None,
+        help="cold regime memory cap in GiB (default 0.75 x model size)",
+    )
+    ap.add_argument("--cap-method", choices=("auto", "cgroup", "evict"), default="auto")
+    ap.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="also drop the whole page cache (/proc/sys/vm/drop_caches) before each cold run; "
+        "off by default: the files' own pages are evicted either way, and other users of the "
+        "machine lose their cache",
+    )
+    ap.add_argument(
+        "--workdir",
+        default=os.environ.get(
+            "RABBIT_BENCH_DIR", str(Path(tempfile.gettempdir()) / "rabbitllm-bench")
+        ),
+    )
+    ap.add_argument(
+        "--fresh", action="store_true", help="rewrite the checkpoint and split directory"
+    )
+    ap.add_argument("--keep", action="store_true", help="keep per-run logs and offload folders")
+    ap.add_argument("--child-timeout", type=float, default=1800)
+    ap.add_argument("--json", default=None, help="write every measurement to this file")
+    # What the parent starts its children with (runner.spawn):
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-bw", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--make-checkpoint", default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def resolve_model(model: str) -> Path:
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        try:  # a hub id already in the local cache (or downloadable): its snapshot directory
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception as e:  # noqa: BLE001 - any failure means: not a usable model
+            raise SystemExit(
+                f"--model {model}: not a local directory, and not found on the hub ({e})"
+            ) from None
+    if not (path / "config.json").exists():
+        raise SystemExit(f"--model {path}: needs config.json and safetensors weights")
+    try:
+        checkpoint_files(path)
+    except Exception as e:  # noqa: BLE001 - rabbit_store's typed error says what is wrong
+        raise SystemExit(f"--model {path}: {e}") from None
+    return path.resolve()
+
+
+def run_child(args: argparse.Namespace) -> int | None:
+    """The hidden child modes; None when this is the parent."""
+    if args.child:
+        from .child import main as child_main
+
+        return child_main(args.child)
+    if args.child_bw:
+        return child_bandwidth(args.child_bw)
+    if args.make_checkpoint:
+        from .checkpoint import make_checkpoint
+
+        spec = json.loads(Path(args.make_checkpoint).read_text())
+        where = Path(args.make_checkpoint).parent
+        make_checkpoint(Shape(**spec["shape"]), where, fresh=spec["fresh"], log=log)
+        return 0
+    return None
+
+
+def choose_shape(args: argparse.Namespace) -> Shape:
+    widths = {
+        "hidden": args.hidden,
+        "intermediate": args.intermediate,
+        "vocab": args.vocab,
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "seed": args.seed,
+    }
+    if args.quick:
+        return QUICK
+    if args.layers:
+        return Shape(layers=args.layers, **widths)
+    return shape_for_size(args.size_gb, **widths)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    child_rc = run_child(args)
+    if child_rc is not None:
+        return child_rc
+
+    if args.tokens is None:
+        args.tokens = 4 if args.quick else 8
+    shape = choose_shape(args)
+    regimes_wanted = parse_choices(args.regimes, REGIMES, "regime", REGIME_ALIASES)
+    engines_wanted = parse_choices(args.engines, ENGINES, "engine")
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(workdir)
+    ckpt = (
+        resolve_model(args.model) if args.model else prepare_checkpoint(shape, workdir, args.fresh)
+    )
+    facts = layer_facts(ckpt)
+    log(
+        f"checkpoint {ckpt}: {facts['total_bytes'] / 1e9:.3f} GB, {facts['num_layers']} layers "
+        f"of {facts['largest_layer'] / MB:.1f} MB, resident parts "
+        f"{facts['resident_bytes'] / MB:.1f} MB"
+    )
+    split_dir, split_err = None, ""
+    if "rabbit-split" in engines_wanted:
+        split_dir, split_err = make_split(ckpt, workdir, args.fresh)
+        if split_dir is None:
+            log(f"split failed: {split_err}")
+
+    regimes: dict[str, dict] = {name: {"name": name} for name in regimes_wanted}
+    if "cold" in regimes:
+        cold = regimes["cold"] = cold_regime(args, facts["total_bytes"])
+        if cold["cap"]:
+            log(
+                f"cold regime: {cold['method']} memory cap {cold['cap'] / GIB:.2f} GiB (model "
+                f"{facts['total_bytes'] / GIB:.2f} GiB), page cache included; parent cgroup "
+                f"{cold['method_detail']}"
+            )
+        else:
+            log(
+                "cold regime: evicting the checkpoint's pages after every step "
+                f"(no cap: {cold['method_detail']})"
+            )
+
+    runner = Runner(args, ckpt, split_dir, facts)
+    results: list[dict] = []
+    started = time.time()
+    for name in regimes_wanted:
+        reg = regimes[name]
+        log(f"regime {name}:")
+        if name == "cold":
+            before = runner.bandwidth(reg)
+            log(
+                f"  cold read bandwidth before the engines: read() "
+                f"{', '.join(f'{x / GIB:.2f}' for x in before['read_bps'])} GiB/s, mmap faults "
+                f"{', '.join(f'{x / GIB:.2f}' for x in before['mmap_fault_bps'])} GiB/s"
+            )
+        runs: dict[str, list[dict]] = {eng: [] for eng in run_order(name, engines_wanted, 0)}
+        for rep in range(args.repeat):
+            for eng in run_order(name, engines_wanted, rep):
+                runs[eng].append(runner.run(eng, reg, rep))
+        results.extend(merge_repeats(rs) for rs in runs.values())
+        if name == "cold":
+            # Bracket the engines: the disk's speed drifts (a shared virtual disk does), and the
+            # floor must be what the disk could do while they ran.
+            goals.set_cold_floor(reg, facts, before, runner.bandwidth(reg))
+            log(f"  floor: {reg['floor_desc']}")
+        else:
+            goals.set_transformers_floor(reg, results)
+    goals.add_compute_overlap(regimes, results)
+    if goals.set_ratios(results, regimes, facts) is None:
+        log("transformers did not run: tokens cannot be compared")
+
+    table.print_header(
+        args,
+        ckpt=ckpt,
+        facts=facts,
+        machine=machine,
+        results=results,
+        regimes=regimes,
+        split_err=split_err,
+    )
+    table.print_table(results, regimes, facts)
+    met = goals.evaluate(results, regimes, facts)
+    goals.print_goals(met)
+    table.print_profiles(results)
+    print(f"\n(total {time.time() - started:.0f} s)")
+    if args.json:
+        payload = {
+            "shape": None if args.model else asdict(shape),
+            "model": str(ckpt),
+            "facts": facts,
+            "machine": machine,
+            "args": vars(args),
+            "regimes": regimes,
+            "results": results,
+            "goals": met,
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
+    if not args.keep:
+        shutil.rmtree(runner.tmp, ignore_errors=True)
+    return 0 if all(r.get("ok") for r in results) else 1
