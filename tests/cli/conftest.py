@@ -1,4 +1,5 @@
-"""Shared by the CLI tests: one default-model build per session, and a runner for `rabbit` subprocesses.
+"""Shared by the CLI tests: one default-model build per session, and a runner for `rabbit`
+subprocesses.
 
 The build is itself the concurrency test: two processes ask for the default model at once in a fresh
 cache directory (RABBITLLM_CACHE), the first one silent (progress=False) and the second one started

@@ -1,4 +1,5 @@
-"""tools/check_attention_and_benchmark.py on the default model, in process (no torch import per run)."""
+"""tools/check_attention_and_benchmark.py on the default model, in process (no torch import per
+run)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`rabbit` end to end, in subprocesses, on the default model (offline), plus a few in-process checks.
+"""`rabbit` end to end, in subprocesses, on the default model (offline), plus a few in-process
+checks.
 
 Runtime: every `rabbit` process imports torch and transformers (several seconds on two cores), so
 independent runs are started together and awaited together, and generations are a few tokens long.
@@ -44,9 +45,10 @@ def reference(default_model_cache):
     return {"chat": chat, "raw": raw}
 
 
-# ---- generate ------------------------------------------------------------------------------------------
+# ---- generate ------------------------------------------------------------------------------------
 def _offline_hub_cache(model_dir, root):
-    """A hub cache holding `model_dir` as repo rabbit-test/smollm2 (what `hf download` would leave)."""
+    """A hub cache holding `model_dir` as repo rabbit-test/smollm2 (what `hf download` would
+    leave)."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = root / "models--rabbit-test--smollm2"
     snapshot = repo / "snapshots" / commit
@@ -86,7 +88,7 @@ def test_generate_streams_the_greedy_text(default_model_cache, reference, tmp_pa
     assert results["stdin"].stderr == "", "--quiet leaves stderr empty"
 
 
-# ---- chat ------------------------------------------------------------------------------------------------
+# ---- chat ----------------------------------------------------------------------------------------
 def test_chat_keeps_the_conversation(default_model_cache):
     result = run_rabbit(
         ["chat", "-t", "0", "-n", "12", "-q"],
@@ -100,7 +102,8 @@ def test_chat_keeps_the_conversation(default_model_cache):
 
 
 def test_chat_session_reuses_the_cache_and_matches_a_fresh_run(default_model_cache):
-    """In process, on transformers' own model: turn 2 runs only the new tokens and answers the same."""
+    """In process, on transformers' own model: turn 2 runs only the new tokens and answers the
+    same."""
     import copy
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -139,7 +142,7 @@ def test_chat_session_reuses_the_cache_and_matches_a_fresh_run(default_model_cac
     assert fresh.send("And of Germany?") == reply
 
 
-# ---- split, inspect, doctor ------------------------------------------------------------------------------
+# ---- split, inspect, doctor ----------------------------------------------------------------------
 def test_split_then_generate_from_the_split(default_model_cache, reference, tmp_path):
     env = default_model_cache.env
     src = str(default_model_cache.model_dir)
@@ -183,7 +186,7 @@ def test_doctor(default_model_cache):
     assert "MB/s" in out or "GB/s" in out
 
 
-# ---- errors: one line on stderr, exit status 2 -----------------------------------------------------------
+# ---- errors: one line on stderr, exit status 2 ---------------------------------------------------
 ERROR_CASES = {
     "missing path": (["generate", "hi", "--model", "{tmp}/missing"], "is not a directory"),
     "no config.json": (["generate", "hi", "--model", "{tmp}/empty"], "no config.json"),
@@ -283,7 +286,7 @@ def test_token_never_printed(subprocess_errors):
     assert SECRET not in result.stdout + result.stderr
 
 
-# ---- in process: the console's redaction -------------------------------------------------------------------
+# ---- in process: the console's redaction ---------------------------------------------------------
 def test_console_redacts_secrets_everywhere(capsys):
     import io
 
@@ -316,9 +319,10 @@ def test_console_redacts_secrets_everywhere(capsys):
     assert "http://localhost:9000" in text and text.count("***") >= 5
 
 
-# ---- in process: the tokenizer of a remote store ----------------------------------------------------------
+# ---- in process: the tokenizer of a remote store -------------------------------------------------
 def test_tokenizer_from_a_remote_store_is_fetched(default_model_cache):
-    """A store with no local paths (fsspec memory://): the tokenizer files are copied, then loaded."""
+    """A store with no local paths (fsspec memory://): the tokenizer files are copied, then
+    loaded."""
     import uuid
 
     import fsspec

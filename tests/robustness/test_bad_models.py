@@ -202,7 +202,7 @@ def test_bad_options(isolated: Path, tiny_llama: Path, option: dict, says: tuple
     refused(tiny_llama, isolated, InvalidOptionError, *says, **option)
 
 
-# ---- a split corrupted after the split: size and header always, sha256 with verify=True -----------
+# ---- a split corrupted after the split: size and header always, sha256 with verify=True ----------
 @pytest.fixture
 def split_llama(isolated: Path, tiny_llama: Path) -> Path:
     dest = isolated / "split"

@@ -145,7 +145,7 @@ def test_transient_read_failures_are_retried_with_backoff(
     )
     delays = [float(re.search(r"retrying in ([0-9.]+) s", w).group(1)) for w in warned]
     # exponential with jitter: retry k waits 0.01 * 2**(k-1) * [0.5, 1.5)
-    for k, delay in zip([1, 2, 1, 2, 3], delays):
+    for k, delay in zip([1, 2, 1, 2, 3], delays, strict=True):
         assert 0.005 * 2 ** (k - 1) - 0.0005 <= delay <= 0.015 * 2 ** (k - 1) + 0.0005, (
             k,
             delay,
@@ -207,7 +207,7 @@ def test_permanent_failures_are_not_retried(
     assert FlakyFS.calls == 1 and retry_warnings(caplog) == []
 
 
-# ---- S3 (moto) ------------------------------------------------------------------------------------
+# ---- S3 (moto) -----------------------------------------------------------------------------------
 def test_s3_wrong_bucket(s3, sharded_small: Path):
     url = "s3://no-such-bucket-rabbit/model"
     with pytest.raises(CheckpointNotFoundError) as err:
@@ -258,7 +258,7 @@ def sharded_small(tmp_path: Path) -> Path:
     return write_checkpoint(tmp_path / "small", tensors).path
 
 
-# ---- a gated hub repo -----------------------------------------------------------------------------
+# ---- a gated hub repo ----------------------------------------------------------------------------
 class GatedHub:
     """An HTTP server answering every request as the hub does for a gated repo (401 + headers)."""
 
@@ -275,7 +275,8 @@ class GatedHub:
                 self.send_header("X-Error-Code", "GatedRepo")
                 self.send_header(
                     "X-Error-Message",
-                    "Access to model rabbit-org/gated is restricted. You must have access to it and be authenticated to access it. Please log in.",
+                    "Access to model rabbit-org/gated is restricted. You must have access to it "
+                    "and be authenticated to access it. Please log in.",
                 )
                 self.send_header("X-Request-Id", "Root=1-rabbit-test")
                 self.send_header("Content-Length", str(len(body)))

@@ -58,7 +58,8 @@ class Evidence:
                 self.add(str(path), path.read_bytes().decode("utf-8", "replace"))
 
     def cli(self, *runs: tuple[str, list[str], int], env: dict[str, str]) -> None:
-        """`rabbit-store --debug -v ARGS` for each (name, args, expected exit status), all at once."""
+        """`rabbit-store --debug -v ARGS` for each (name, args, expected exit status), all at
+        once."""
         procs = [
             (what, start_store_cli("--debug", "-v", *args, env=env), code)
             for what, args, code in runs

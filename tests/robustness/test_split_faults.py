@@ -59,7 +59,8 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(big: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], float]:
     """sha256 of every file of an uninterrupted CLI split, and how long its split phase took (from
-    the lock file appearing to the manifest appearing: the interpreter's start-up is not part of it)."""
+    the lock file appearing to the manifest appearing: the interpreter's start-up is not part of
+    it)."""
     dest = tmp_path_factory.mktemp("reference") / "split"
     proc = start_store_cli("split", str(big), str(dest), "--quiet")
     locked = done = None
@@ -286,7 +287,7 @@ def test_file_size_limit_is_a_clear_error(big: Path, tmp_path: Path):
     assert leftovers(dest) == [] and not (dest / MANIFEST_FILE).exists()
 
 
-# ---- corruption after the split -------------------------------------------------------------------
+# ---- corruption after the split ------------------------------------------------------------------
 @pytest.fixture
 def small_split(tmp_path: Path) -> Path:
     tensors = model_tensors(num_layers=4)

@@ -1,4 +1,5 @@
-"""Choosing the attention implementation: flash_attention_2 where it truly works, else sdpa, else eager.
+"""Choosing the attention implementation: flash_attention_2 where it truly works, else sdpa, else
+eager.
 
 The decision is a pure function of `PlatformFacts` so it can be tested on a CPU machine by injecting
 facts; `probe_platform()` gathers the real ones once.
@@ -33,7 +34,8 @@ class PlatformFacts:
 
 
 def _flash_runtime_check() -> str | None:
-    """Run one tiny flash-attn call: catches broken installs and ABI mismatches that import hides."""
+    """Run one tiny flash-attn call: catches broken installs and ABI mismatches that import
+    hides."""
     try:
         from flash_attn import flash_attn_func
 

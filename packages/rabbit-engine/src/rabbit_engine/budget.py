@@ -107,8 +107,9 @@ def plan_residency(
     needed = fixed + max(sizes, default=0)
     if budget < needed:
         raise MemoryBudgetError(
-            f"max_memory={budget / _GIB:.2f} GiB cannot hold the resident parts ({fixed / _GIB:.2f} GiB) plus one "
-            f"decoder layer ({max(sizes) / _GIB:.2f} GiB): at least {needed / _GIB:.2f} GiB is needed."
+            f"max_memory={budget / _GIB:.2f} GiB cannot hold the resident parts "
+            f"({fixed / _GIB:.2f} GiB) plus one decoder layer ({max(sizes) / _GIB:.2f} GiB): "
+            f"at least {needed / _GIB:.2f} GiB is needed."
         )
     room = budget - fixed - working
     resident: set[int] = set()

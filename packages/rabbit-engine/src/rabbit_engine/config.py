@@ -18,8 +18,8 @@ def load_config(source, *, trust_remote_code: bool = False) -> PretrainedConfig:
     """config.json -> transformers config; remote code only when the caller asked for it."""
     if not source.exists("config.json"):
         raise InvalidCheckpointError(
-            f"{source.location}: no config.json; point at a model directory (the one with config.json "
-            "and *.safetensors)."
+            f"{source.location}: no config.json; point at a model directory (the one with "
+            "config.json and *.safetensors)."
         )
     try:
         data = source.read_json("config.json")
@@ -42,15 +42,15 @@ def load_config(source, *, trust_remote_code: bool = False) -> PretrainedConfig:
 
         raise UnsupportedModelError(
             f"{source.location}/config.json: model_type={model_type!r} is not a model type this "
-            f"transformers knows; supported model types: {', '.join(supported_model_types())}. Upgrade "
-            "transformers if the family is newer; pass trust_remote_code=True only if the checkpoint "
-            "ships its own code and you trust its authors."
+            f"transformers knows; supported model types: {', '.join(supported_model_types())}. "
+            "Upgrade transformers if the family is newer; pass trust_remote_code=True only if the "
+            "checkpoint ships its own code and you trust its authors."
         )
     if not trust_remote_code:
         raise UnsupportedModelError(
-            f"{source.location}: model_type={model_type!r} is not built into transformers and needs the "
-            "checkpoint's own Python code; pass trust_remote_code=True (--trust-remote-code) only if you "
-            "trust its authors."
+            f"{source.location}: model_type={model_type!r} is not built into transformers and "
+            "needs the checkpoint's own Python code; pass trust_remote_code=True "
+            "(--trust-remote-code) only if you trust its authors."
         )
     local = source.local_path("config.json")
     if local is None:

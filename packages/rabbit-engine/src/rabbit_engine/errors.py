@@ -1,4 +1,5 @@
-"""Errors the engine raises; all derive from rabbit_store's `RabbitError` so callers catch one type."""
+"""Errors the engine raises; all derive from rabbit_store's `RabbitError` so callers catch one
+type."""
 
 from __future__ import annotations
 

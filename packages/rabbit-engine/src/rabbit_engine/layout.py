@@ -1,4 +1,5 @@
-"""What the engine needs to know about a model's structure; family adapters (rabbit_models) provide it."""
+"""What the engine needs to know about a model's structure; family adapters (rabbit_models)
+provide it."""
 
 from __future__ import annotations
 

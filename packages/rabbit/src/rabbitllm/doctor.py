@@ -1,4 +1,5 @@
-"""What this machine offers RabbitLLM: versions, GPU, attention kernels, memory, storage speed, cache.
+"""What this machine offers RabbitLLM: versions, GPU, attention kernels, memory, storage speed,
+cache.
 
 Why a library function: bug reports need the same facts whether they come from `rabbit doctor`, a
 notebook or a test. `run_checks()` never raises for a failed probe; each probe becomes a `Finding`
@@ -43,7 +44,8 @@ READ_PROBE_BYTES = 64 * 2**20
 
 @dataclass(frozen=True)
 class Finding:
-    """One fact: `topic` (e.g. "transformers"), `status` (ok/info/warn/fail) and a one-line `detail`."""
+    """One fact: `topic` (e.g. "transformers"), `status` (ok/info/warn/fail) and a one-line
+    `detail`."""
 
     topic: str
     status: str

@@ -1,4 +1,5 @@
-"""`python -m rabbitllm.cli`: the same as the `rabbit` script (useful where scripts are not on PATH)."""
+"""`python -m rabbitllm.cli`: the same as the `rabbit` script (useful where scripts are not on
+PATH)."""
 
 import sys
 

@@ -1,9 +1,9 @@
 """Argument parsing, dispatch, and the one place where errors become exit statuses.
 
-Exit statuses: 0 success; 2 a user error (bad argument, bad path, unsupported model: any RabbitError,
-and argparse's own errors), printed as one line `rabbit: error: ...` on stderr; 1 an unexpected
-error (also one line; --debug shows the traceback); 130 interrupted. Token values never reach the
-terminal: the Console redacts them from every line, logs included.
+Exit statuses: 0 success; 2 a user error (bad argument, bad path, unsupported model: any
+RabbitError, and argparse's own errors), printed as one line `rabbit: error: ...` on stderr; 1 an
+unexpected error (also one line; --debug shows the traceback); 130 interrupted. Token values never
+reach the terminal: the Console redacts them from every line, logs included.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ COMMANDS = ("generate", "chat", "split", "inspect", "verify", "bench", "doctor")
 
 #: Options every subcommand takes, and `rabbit` itself before the command. The top-level copies get
 #: their own dests (`top_quiet`, ...) and are merged after parsing: a subcommand's default must not
-#: overwrite a value given before the command (`rabbit --quiet split ...`), whoever defined the flag.
+#: overwrite a value given before the command (`rabbit --quiet split ...`), whoever defined the
+#: flag.
 COMMON_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (
         ("--quiet", "-q"),
@@ -41,7 +42,8 @@ COMMON_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but an error raises UsageError (one line, exit 2) instead of printing usage and exiting."""
+    """argparse, but an error raises UsageError (one line, exit 2) instead of printing usage and
+    exiting."""
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
@@ -50,7 +52,8 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> Parser:
     parser = Parser(
         prog="rabbit",
-        description="Run Hugging Face causal LMs larger than memory by streaming decoder layers from storage.",
+        description="Run Hugging Face causal LMs larger than memory by streaming decoder layers "
+        "from storage.",
     )
     from rabbitllm import __version__
 

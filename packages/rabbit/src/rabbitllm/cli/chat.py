@@ -61,7 +61,7 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -71,7 +71,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def cache_argument() -> str:
     """The name generate() takes the KV cache under: `cache` in recent transformers 5.x (which still
     accept `past_key_values`, with a deprecation warning), `past_key_values` in older ones. The
-    output class names its field the same way, which is what we can check without calling anything."""
+    output class names its field the same way, which is what we can check without calling
+    anything."""
     import dataclasses
 
     from transformers.generation import GenerateDecoderOnlyOutput

@@ -1,4 +1,5 @@
-"""Everything the CLI writes goes through here: results on stdout, messages on stderr, secrets redacted.
+"""Everything the CLI writes goes through here: results on stdout, messages on stderr, secrets
+redacted.
 
 Why one object: `--quiet`, `--debug` and the secrets to hide (the `--token` value, secret-looking
 storage options) are decided once per run; commands receive the Console instead of reading globals,
@@ -21,7 +22,8 @@ SECRET_KEY_PARTS = ("token", "secret", "password", "passwd", "credential", "key"
 
 
 def secret_values(token: str | None, storage_options: dict[str, Any] | None) -> list[str]:
-    """The strings that must never be printed: the token and secret-looking storage option values."""
+    """The strings that must never be printed: the token and secret-looking storage option
+    values."""
     found: list[str] = [token] if isinstance(token, str) and token else []
 
     def walk(options: dict[str, Any]) -> None:
@@ -93,7 +95,8 @@ class Console:
 
 
 class _RedactFilter(logging.Filter):
-    """Rewrites each record's message with the secrets redacted (libraries may log URLs, options...)."""
+    """Rewrites each record's message with the secrets redacted (libraries may log URLs,
+    options...)."""
 
     def __init__(self, console: Console) -> None:
         super().__init__()

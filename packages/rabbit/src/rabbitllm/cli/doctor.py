@@ -16,8 +16,8 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "doctor",
         parents=[common],
         help="check versions, GPU, attention kernels, memory, storage speed",
-        description="Versions and whether they are supported, CUDA and GPUs, Flash Attention (and why "
-        "not), free RAM/VRAM, the read speed of the model's storage, the cache directory.",
+        description="Versions and whether they are supported, CUDA and GPUs, Flash Attention "
+        "(and why not), free RAM/VRAM, the read speed of the model's storage, the cache directory.",
     )
     p.add_argument(
         "--model",

@@ -15,7 +15,8 @@ class UsageError(RabbitError):
 
 
 class TokenizerNotFoundError(RabbitError):
-    """The model has no tokenizer files; text commands need one (the library itself takes token ids)."""
+    """The model has no tokenizer files; text commands need one (the library itself takes token
+    ids)."""
 
 
 class FeatureNotAvailableError(RabbitError):

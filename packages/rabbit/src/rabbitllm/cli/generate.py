@@ -72,7 +72,8 @@ def read_prompt(args: argparse.Namespace, console: Console) -> str:
 
 
 def encode(tokenizer: Any, prompt: str, *, chat: bool | None, system: str | None) -> dict[str, Any]:
-    """input_ids and attention_mask, through the chat template when asked (or by default when present)."""
+    """input_ids and attention_mask, through the chat template when asked (or by default when
+    present)."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat and not has_template:
         raise UsageError(

@@ -1,4 +1,5 @@
-"""Pieces `generate` and `chat` share: sampling settings, the token streamer, the profile summary."""
+"""Pieces `generate` and `chat` share: sampling settings, the token streamer, the profile
+summary."""
 
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def make_streamer(tokenizer: Any, console: Console) -> Any:
 
 
 def pad_token_kwargs(model: Any, tokenizer: Any) -> dict[str, Any]:
-    """A pad token id when neither the model nor the tokenizer names one (silences generate's warning)."""
+    """A pad token id when neither the model nor the tokenizer names one (silences generate's
+    warning)."""
     if getattr(model.generation_config, "pad_token_id", None) is not None:
         return {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -112,7 +114,8 @@ def note_speed(console: Console, new_tokens: int, seconds: float) -> None:
 
 
 def report_profile(console: Console, model: Any) -> None:
-    """The engine's profile summary on stderr (the user asked for it, so shown even with --quiet)."""
+    """The engine's profile summary on stderr (the user asked for it, so shown even with
+    --quiet)."""
     report = model.profile_report()
     if not report or not report.get("steps"):
         console.report("profile: no forward steps were recorded")

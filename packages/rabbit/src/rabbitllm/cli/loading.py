@@ -63,9 +63,9 @@ def load_tokenizer(source: Any, *, trust_remote_code: bool = False) -> Any:
     names = tokenizer_files(source)
     if not any(fnmatch.fnmatch(n, p) for n in names for p in VOCAB_PATTERNS):
         raise TokenizerNotFoundError(
-            f"{source.location} has no tokenizer (no tokenizer.json, tokenizer.model or vocab files); "
-            "text commands need one. Pass a model that ships its tokenizer, or use the library on "
-            "token ids: AutoModel.from_pretrained(...).generate(input_ids=...)."
+            f"{source.location} has no tokenizer (no tokenizer.json, tokenizer.model or vocab "
+            "files); text commands need one. Pass a model that ships its tokenizer, or use the "
+            "library on token ids: AutoModel.from_pretrained(...).generate(input_ids=...)."
         )
     local = [source.local_path(n) for n in names]
     if all(local) and len({os.path.dirname(p) for p in local}) == 1:

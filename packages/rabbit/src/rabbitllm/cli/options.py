@@ -159,7 +159,8 @@ def runtime_options(args: argparse.Namespace) -> RuntimeOptions:
 
 
 def _number(text: str, kind: type, what: str, ok: Callable[[float], bool], rule: str) -> Any:
-    """Parse `text` as `kind` and check it; argparse shows the ArgumentTypeError as a usage error."""
+    """Parse `text` as `kind` and check it; argparse shows the ArgumentTypeError as a usage
+    error."""
     try:
         value = kind(text)
     except ValueError:
