@@ -68,8 +68,6 @@ def test_budget_keeps_layers_resident_and_rejects_too_small(llama_checkpoint):
 def test_partial_residency_reads_every_streamed_layer_ahead(tmp_path):
     """With the first layers resident, the layer after the last one is the first *streamed* one:
     it must be read ahead like any other, not loaded by the compute thread when its turn comes."""
-    import threading
-
     from transformers import AutoModelForCausalLM
 
     from rabbit_engine.weights import RESIDENT
@@ -86,28 +84,18 @@ def test_partial_residency_reads_every_streamed_layer_ahead(tmp_path):
     budget = fixed + (2 + 1) * layer + layer + layer // 2  # the working set plus one resident layer
     # bfloat16 from a float32 checkpoint: fetching a layer is a cast, done in the prefetch thread
     with AutoModel.from_pretrained(
-        path, max_memory=budget, prefetch=1, dtype=torch.bfloat16
+        path, max_memory=budget, prefetch=1, dtype=torch.bfloat16, profile=True
     ) as model:
-        streamer = model._rabbit_streamer
         assert model.streamer_stats["resident_layers"] == [0]
-        inline: list[int] = []
-        fetch = streamer._fetch
-        main = threading.get_ident()
-
-        def spy(gid, *a, **k):
-            if threading.get_ident() == main:
-                inline.append(gid)
-            return fetch(gid, *a, **k)
-
-        streamer._fetch = spy
         ids = torch.randint(3, 200, (1, 5))
-        model(ids)
-        first_pass = list(inline)
-        inline.clear()
-        model(ids)
-        model(ids)
-    assert first_pass == [1]  # nothing is ahead of the very first streamed layer
-    assert inline == [], f"layers loaded by the compute thread instead of read ahead: {inline}"
+        for _ in range(3):
+            model(ids)
+        report = model.profile_report()
+    # nothing is ahead of the very first streamed layer: the compute thread loads it itself
+    assert report["prefill"]["loaded_inline"] > 0
+    # later passes: the layer after the last one (layer 1, not resident layer 0) was read ahead
+    inline = report["decode_per_step"]["loaded_inline"]
+    assert inline == 0, f"layers loaded by the compute thread instead of read ahead ({inline} s)"
 
 
 def test_hf_token_alias_warns(llama_checkpoint):
@@ -123,7 +111,7 @@ def test_default_dtype_is_the_checkpoints(tmp_path):
     path = save_checkpoint(ref, tmp_path / "bf16", sharded=False)
     with AutoModel.from_pretrained(path) as model:
         assert model.dtype == torch.bfloat16
-        # Buffers keep transformers' dtype: rotary inv_freq stays float32 (casting it costs exactness).
+        # Buffers keep transformers' dtype: rotary inv_freq stays float32 (a cast costs exactness).
         assert model.model.rotary_emb.inv_freq.dtype == torch.float32
 
 
@@ -158,7 +146,7 @@ def test_profiler_reports_each_step_and_the_bottleneck(llama_checkpoint):
 def test_profiler_counts_the_bytes_compute_faults_in_from_storage(tmp_path):
     """A pass whose layers were evicted, after a pass that read nothing from disk (so no read-ahead
     runs), makes the compute thread fault the weights in itself: the profiler must see those reads
-    instead of calling the step compute. (tmp_path must be on a disk: page-out needs a backing file.)"""
+    instead of calling the step compute. (tmp_path must be on a disk: page-out needs a file.)"""
     MADV_PAGEOUT = 21  # not exported by the mmap module
     import os
 
@@ -179,7 +167,7 @@ def test_profiler_counts_the_bytes_compute_faults_in_from_storage(tmp_path):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
         model(ids)
-        last = model._rabbit_profiler._steps[-1]
+        last = model._rabbit_profiler.steps[-1]
     assert last["fault_bytes"] > 0 and last["fault_majors"] > 0, last
 
 
@@ -192,14 +180,64 @@ def test_profiler_off_by_default(llama_checkpoint):
 
 def test_read_ahead_only_while_the_model_is_not_cached(llama_checkpoint):
     _, path = llama_checkpoint  # just written: in the page cache
-    with AutoModel.from_pretrained(path) as model:
-        streamer = model._rabbit_streamer
+    with AutoModel.from_pretrained(path, profile=True) as model:
         ids = torch.randint(3, 200, (1, 5))
+        for _ in range(3):
+            model(ids)
+        waits = [step["wait"] for step in model._rabbit_profiler.steps]
+    # The compute thread waits only for read-ahead (local files in the run dtype). The first pass
+    # reads ahead (nothing known yet), into the second pass's first layers too; the first pass
+    # read nothing from disk, so the second reads nothing ahead, and the third waits for nothing.
+    assert waits[0] > 0 and waits[1] > 0, waits
+    assert waits[2] == 0, waits
+
+
+def test_read_ahead_resumes_after_a_pass_that_hit_the_disk(tmp_path):
+    """Evicted files (a pass that faulted them in from disk) turn read-ahead back on: the next
+    pass's layers are brought in by the prefetch thread, not faulted in by compute."""
+    import os
+
+    from tests.models.families import build_model, save_checkpoint
+
+    MADV_PAGEOUT = 21  # not exported by the mmap module
+    ref = build_model("llama", dtype=torch.float32, seed=0)
+    path = save_checkpoint(ref, tmp_path / "ckpt", sharded=False)
+    ids = torch.randint(3, 200, (1, 5))
+
+    def evict(reader) -> None:
+        for file in reader.index.files:
+            reader.mapping(file).madvise(MADV_PAGEOUT)
+            fd = os.open(os.path.join(path, file), os.O_RDONLY)
+            os.fsync(fd)  # dirty pages (the file was just written) cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+    with AutoModel.from_pretrained(path, profile=True) as model:
+        reader = model._rabbit_streamer.reader
         model(ids)
-        assert streamer._cold  # first pass: nothing known yet, read ahead
-        model(ids)
-        model(ids)
-        assert not streamer._cold  # no disk reads in the previous pass: no read-ahead work
+        model(ids)  # cached: the next pass does not read ahead...
+        evict(reader)
+        model(ids)  # ...so compute faults the layers in from disk,
+        evict(reader)
+        model(ids)  # and this pass reads ahead again: compute waits for it
+        steps = model._rabbit_profiler.steps
+    assert steps[2]["wait"] == 0 and steps[2]["fault_bytes"] > 0, steps[2]
+    assert steps[3]["wait"] > 0, steps[3]
+
+
+def _present(mapping, start: int, end: int) -> list[bool]:
+    """Whether each page of mapping[start:end] is in this process's page table (pagemap bit 63)."""
+    import ctypes
+    import mmap
+
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+    first, last = (base + start) // mmap.PAGESIZE, (base + end - 1) // mmap.PAGESIZE + 1
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(8 * first)
+        entries = pagemap.read(8 * (last - first))
+    return [
+        bool(int.from_bytes(entries[i : i + 8], "little") >> 63) for i in range(0, len(entries), 8)
+    ]
 
 
 def test_page_warmer_reads_exactly_the_spans(tmp_path):
@@ -220,11 +258,15 @@ def test_page_warmer_reads_exactly_the_spans(tmp_path):
         )  # stops at end of file
         with open(data, "rb") as f:  # populate path, on a private map like the reader's
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        assert not any(_present(mapped, 4096, CHUNK))  # a fresh map: no page table entries yet
         assert warmer.warm([(str(data), 4096, CHUNK, mapped)]) == CHUNK - 4096
-        assert warmer._populate, "MADV_POPULATE_READ refused: the read-ahead fell back to pread"
-        # cool: the kernel takes the hint (MADV_COLD) and the mapped bytes stay what they were
-        warmer.cool([(str(data), 10, CHUNK, mapped), (str(data), 0, 10, None)])
-        assert warmer._cool, "MADV_COLD refused"
+        # MADV_POPULATE_READ fills the page tables (pread would only fill the page cache), so the
+        # compute thread's views take no faults at all
+        present = _present(mapped, 4096, CHUNK)
+        assert all(present), f"{present.count(False)} pages not populated: read-ahead used pread"
+        # cool: the kernel takes the hint (MADV_COLD) for the mapped span only; bytes unchanged
+        cooled = warmer.cool([(str(data), 10, CHUNK, mapped), (str(data), 0, 10, None)])
+        assert cooled == CHUNK - 10, "MADV_COLD refused"
         assert mapped[4096:4100] == b"xxxx" and mapped[CHUNK - 1] == ord("x")
         warmer.close()
         mapped.close()  # the warmer holds no buffer export on the map
@@ -235,7 +277,8 @@ def test_page_warmer_reads_exactly_the_spans(tmp_path):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # untied and tied head
 def test_resident_weights_are_owned_copies_and_streamed_ones_are_file_views(tmp_path, family):
     """Resident weights must survive page-cache eviction (a view over the mapped file would be
-    re-read from disk every token once streamed layers fill memory); streamed ones stay zero-copy."""
+    re-read from disk every token once streamed layers fill memory); streamed ones stay
+    zero-copy."""
     import ctypes
 
     from tests.models.families import build_model, save_checkpoint

@@ -1,4 +1,4 @@
-"""LayerReader: zero-copy local views, caller buffers, coalesced remote reads, prefetch."""
+"""LayerReader: zero-copy local views, caller buffers, coalesced remote reads, spans and advice."""
 
 from __future__ import annotations
 
@@ -66,13 +66,21 @@ def test_read_into_caller_buffer(sharded: Checkpoint):
     reader.close()
 
 
-def test_prefetch_local(sharded: Checkpoint):
-    _, _, plan, reader = open_all(str(sharded.path))
-    reader.prefetch(plan.layers[3])
-    reader.prefetch(plan.layers[3])  # twice is fine
+def test_advise_spans_and_file_kinds_local(sharded: Checkpoint):
+    _, index, plan, reader = open_all(str(sharded.path))
+    reader.advise(plan.layers[3])  # nothing mapped yet: left to the read that maps the file
     assert_bytes(reader.read(plan.layers[3]), sharded.tensors)
+    reader.advise(plan.layers[3])  # mapped: madvise(WILLNEED), the bytes are what they were
+    assert_bytes(reader.read(plan.layers[3]), sharded.tensors)
+    spans = reader.spans(plan.layers[1])  # layer 1 spans two non-consecutive shards
+    assert {s.file for s in spans} == {"weights-a.safetensors", "zz/last.safetensors"}
+    for span in spans:
+        infos = [index.tensors[n] for n in plan.layers[1]]
+        mine = [i for i in infos if i.file == span.file and i.nbytes]
+        assert (span.start, span.end) == (min(i.offset for i in mine), max(i.end for i in mine))
+    assert reader.is_local("zz/last.safetensors")
+    assert reader.local_path("zz/last.safetensors") == str(sharded.path / "zz" / "last.safetensors")
     reader.close()
-    reader.prefetch(plan.layers[0])  # after close: ignored
 
 
 def test_coalesce_merges_neighbours_and_cuts_parts(sharded: Checkpoint):
@@ -93,7 +101,7 @@ class CountingMemoryFS(MemoryFileSystem):
     calls: list[list[tuple[str, int, int]]] = []
 
     def cat_ranges(self, paths, starts, ends, **kwargs):
-        self.calls.append(list(zip(paths, starts, ends)))
+        self.calls.append(list(zip(paths, starts, ends, strict=True)))
         return super().cat_ranges(paths, starts, ends, **kwargs)
 
 
@@ -115,11 +123,12 @@ def test_remote_reads_are_coalesced_and_writable(sharded: Checkpoint):
     assert_bytes(reader.read(plan.layers[0], out=buffer), sharded.tensors)
 
     fs.calls.clear()
-    reader.prefetch(plan.layers[2])
-    reader._pending[tuple(plan.layers[2])].result()
-    assert len(fs.calls) == 1
-    assert_bytes(reader.read(plan.layers[2]), sharded.tensors)
-    assert len(fs.calls) == 1  # served by the prefetch
+    reader.advise(plan.layers[2])  # remote: nothing to advise, and nothing read in the background
+    assert fs.calls == []
+    assert (
+        not reader.is_local("weights-a.safetensors")
+        and reader.mapping("weights-a.safetensors") is None
+    )
     reader.close()
 
 

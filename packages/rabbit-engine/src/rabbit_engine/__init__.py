@@ -1,14 +1,35 @@
-"""Layer-streaming forward machinery over transformers' own models."""
+"""Layer-streaming forward machinery over transformers' own models.
 
-from rabbit_engine.attention import (
-    PlatformFacts,
-    flash_attention_status,
-    probe_platform,
-    select_attention,
-)
-from rabbit_engine.config import load_config
-from rabbit_engine.layout import LayoutAdapter, ModelLayout
-from rabbit_engine.loader import load_streaming_model
+Lazy: the names below are imported on first use, so that torch-free modules (`rabbit_engine.cgroup`,
+used by tools that only read memory limits) import without torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rabbit_engine.attention import (
+        PlatformFacts,
+        flash_attention_status,
+        probe_platform,
+        select_attention,
+    )
+    from rabbit_engine.config import load_config
+    from rabbit_engine.layout import LayoutAdapter, ModelLayout
+    from rabbit_engine.loader import load_streaming_model
+
+_EXPORTS = {
+    "LayoutAdapter": "rabbit_engine.layout",
+    "ModelLayout": "rabbit_engine.layout",
+    "PlatformFacts": "rabbit_engine.attention",
+    "flash_attention_status": "rabbit_engine.attention",
+    "load_config": "rabbit_engine.config",
+    "load_streaming_model": "rabbit_engine.loader",
+    "probe_platform": "rabbit_engine.attention",
+    "select_attention": "rabbit_engine.attention",
+}
 
 __all__ = [
     "LayoutAdapter",
@@ -20,3 +41,16 @@ __all__ = [
     "probe_platform",
     "select_attention",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rabbit_engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once imported, later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -11,11 +11,18 @@ import queue
 
 
 class BufferPool:
+    """At most `count` buffers of `nbytes` each, made on demand and reused last-in first-out."""
+
     def __init__(self, nbytes: int, count: int) -> None:
         self.nbytes = nbytes
         self._free: queue.LifoQueue[bytearray] = queue.LifoQueue()
         self._count = count
         self._made = 0
+
+    @property
+    def allocated(self) -> int:
+        """Buffers made so far: never more than `count`, however many layers were read."""
+        return self._made
 
     def acquire(self) -> bytearray:
         """A free buffer; allocated lazily, so a pool that is never used costs nothing."""

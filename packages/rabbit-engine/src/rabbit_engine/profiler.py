@@ -1,8 +1,10 @@
 """Per-step timing of the streaming pipeline, reported with its bottleneck.
 
-Categories: `read` (storage -> host bytes, in the prefetch thread), `wait` (the compute thread blocked
-on a layer that was not ready: I/O not hidden), `convert` (bytes -> tensors, casts), `copy` (host ->
-device), `compute` (the forward pass minus waits and loads done in the compute thread).
+Categories: `read` (storage -> host bytes, in the prefetch thread), `wait` (the compute thread
+blocked on a layer that was not ready: I/O not hidden), `convert` (bytes -> tensors, casts), `copy`
+(host -> device), `compute` (the forward pass minus waits and loads done in the compute thread).
+`loaded_inline` is the part of read/convert/copy done by the compute thread itself: layers nobody
+read ahead (the first streamed layer of the first pass; free views of a cached local file).
 
 `compute` alone cannot tell a step that computes from one whose compute thread is blocked in page
 faults on mapped weights (the cold regime) or descheduled by other processes: both look like time
@@ -76,8 +78,11 @@ class Profiler:
         with self._lock:
             step = dict(self._current)
             step["compute"] = max(0.0, total - step.get("wait", 0.0) - self._main_thread_load)
+            step["loaded_inline"] = self._main_thread_load
             if usage is not None and self._usage_start is not None:
-                cpu, majflt, read = (now - then for now, then in zip(usage, self._usage_start))
+                cpu, majflt, read = (
+                    now - then for now, then in zip(usage, self._usage_start, strict=True)
+                )
                 # CPU spent on loads in this thread is not compute either (waits burn none)
                 step["compute_cpu"] = min(step["compute"], max(0.0, cpu - self._main_thread_load))
                 step["stalled"] = step["compute"] - step["compute_cpu"]
@@ -89,10 +94,15 @@ class Profiler:
             self._current = defaultdict(float)
         self._step_start = None
 
+    @property
+    def steps(self) -> list[dict[str, float]]:
+        """Each step's figures so far, in order, with every category: what `report` sums up."""
+        with self._lock:
+            return [{**dict.fromkeys(CATEGORIES, 0.0), **step} for step in self._steps]
+
     def report(self) -> dict:
         """Totals and per-step figures split into prefill (first step) and decode (the rest)."""
-        with self._lock:
-            steps = list(self._steps)
+        steps = self.steps
         if not steps:
             return {"steps": 0, "bottleneck": None}
 
@@ -135,6 +145,7 @@ class Profiler:
             "summary": (
                 f"decode step {per_step['total']:.3f}s: {compute_text}, waiting for I/O "
                 f"{per_step['wait']:.3f}s, read {per_step['read']:.3f}s (background), convert "
-                f"{per_step['convert']:.3f}s, copy {per_step['copy']:.3f}s; bottleneck: {bottleneck}"
+                f"{per_step['convert']:.3f}s, copy {per_step['copy']:.3f}s; "
+                f"bottleneck: {bottleneck}"
             ),
         }

@@ -1,4 +1,5 @@
-"""Bringing a layer's bytes in ahead of use, for local files, in the prefetch thread.
+"""Bringing a layer's bytes in ahead of use, for local files, in the prefetch thread; and the
+page-table hints the local strategy gives the kernel (cool the layer just used, unmap copied pages).
 
 `madvise(WILLNEED)` is only a hint: measured under a memory cap, the compute thread still took most
 of the page faults itself, in forward order, while reclaim took the unreferenced read-ahead pages
@@ -17,6 +18,7 @@ import ctypes
 import mmap
 import os
 from collections.abc import Iterable
+from typing import NamedTuple
 
 CHUNK = 8 << 20  # bytes per pread: large sequential requests, one reusable scratch buffer
 MADV_POPULATE_READ = 22
@@ -30,6 +32,39 @@ except (OSError, AttributeError):  # no libc madvise (not Linux): pread only
     _libc = None
 
 
+class MappedSpan(NamedTuple):
+    """Bytes [start, end) of a local file, and the reader's map of it (None: pread only)."""
+
+    path: str
+    start: int
+    end: int
+    mapping: mmap.mmap | None
+
+
+def _address(mapping: mmap.mmap) -> int:
+    # The temporary buffer export ends with this statement, so the map can still close.
+    return ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+
+
+def unmap(spans: Iterable[MappedSpan]) -> None:
+    """Drop our page-table entries for ranges whose bytes were copied elsewhere.
+
+    The pages stay in the page cache (the kernel's to keep or drop) but leave this process's
+    RSS: after the resident weights are copied out of the mapped files, peak RSS would
+    otherwise count them twice. Only whole pages inside each range are dropped; the mapping is
+    never written, so any page touched again later just faults back in from the file.
+    """
+    if _libc is None:
+        return
+    for _, start, end, mapping in spans:
+        if mapping is None:
+            continue
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = min(end, len(mapping)) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            _libc.madvise(_address(mapping) + first, last - first, MADV_DONTNEED)
+
+
 class PageWarmer:
     """`warm` runs in the prefetch thread, `cool` in the compute thread; they share only the
     cache of mapping addresses (a dict, safe under the GIL)."""
@@ -41,7 +76,7 @@ class PageWarmer:
         self._populate = _libc is not None
         self._cool = _libc is not None
 
-    def warm(self, spans: Iterable[tuple[str, int, int, mmap.mmap | None]]) -> int:
+    def warm(self, spans: Iterable[MappedSpan]) -> int:
         """Bring `(path, start, end, mapping)` ranges in; returns the bytes covered."""
         total = 0
         for path, start, end, mapping in spans:
@@ -51,8 +86,9 @@ class PageWarmer:
             total += self._pread(path, start, end)
         return total
 
-    def cool(self, spans: Iterable[tuple[str, int, int, mmap.mmap | None]]) -> None:
-        """Mark mapped ranges just used as the first pages to reclaim (a hint: errors ignored).
+    def cool(self, spans: Iterable[MappedSpan]) -> int:
+        """Mark mapped ranges just used as the first pages to reclaim; returns the bytes the kernel
+        took the hint for (0 where it cannot: unmapped spans, kernels < 5.4, no libc).
 
         Called from the compute thread after a layer ran while the model does not fit in memory.
         Without it, the kernel's LRU sees the used layer's pages as referenced twice (read, then
@@ -60,40 +96,22 @@ class PageWarmer:
         first: exactly the pages needed next.
         """
         if _libc is None or not self._cool:
-            return
-        for _, start, end, mapping in spans:
-            if (
-                mapping is not None
-                and _libc.madvise(*self._range(mapping, start, end), MADV_COLD) != 0
-            ):
-                self._cool = False  # kernels < 5.4
-                return
-
-    def unmap(self, spans: Iterable[tuple[str, int, int, mmap.mmap | None]]) -> None:
-        """Drop our page-table entries for ranges whose bytes were copied elsewhere.
-
-        The pages stay in the page cache (the kernel's to keep or drop) but leave this process's
-        RSS: after the resident weights are copied out of the mapped files, peak RSS would
-        otherwise count them twice. Only whole pages inside each range are dropped; the mapping is
-        never written, so any page touched again later just faults back in from the file.
-        """
-        if _libc is None:
-            return
+            return 0
+        total = 0
         for _, start, end, mapping in spans:
             if mapping is None:
                 continue
-            first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-            last = min(end, len(mapping)) // mmap.PAGESIZE * mmap.PAGESIZE
-            if last > first:
-                address, _ = self._range(mapping, first, last)
-                _libc.madvise(address, last - first, MADV_DONTNEED)
+            if _libc.madvise(*self._range(mapping, start, end), MADV_COLD) != 0:
+                self._cool = False  # kernels < 5.4
+                return total
+            total += end - start
+        return total
 
     def _range(self, mapping: mmap.mmap, start: int, end: int) -> tuple[int, int]:
         """(address, length) of a page-aligned byte range of the reader's mapping."""
         base = self._bases.get(id(mapping))
         if base is None:
-            # The temporary buffer export ends with this statement, so the map can still close.
-            base = self._bases[id(mapping)] = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+            base = self._bases[id(mapping)] = _address(mapping)
         start -= start % mmap.PAGESIZE
         return base + start, min(end, len(mapping)) - start
 

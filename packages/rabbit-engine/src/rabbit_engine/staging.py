@@ -1,8 +1,8 @@
 """Host -> GPU transfer of one layer at a time, overlapped with compute.
 
-Each layer's tensors are packed into a pinned host buffer from a small pool (pageable memory cannot be
-copied asynchronously), copied to the GPU in one `non_blocking` transfer on a side stream, and the
-compute stream waits on an event before the layer runs. Buffers are reused; nothing is allocated
+Each layer's tensors are packed into a pinned host buffer from a small pool (pageable memory cannot
+be copied asynchronously), copied to the GPU in one `non_blocking` transfer on a side stream, and
+the compute stream waits on an event before the layer runs. Buffers are reused; nothing is allocated
 per layer on the host.
 """
 
@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-_ALIGN = 256  # every tensor view starts on a 256-byte boundary (any dtype's alignment, and coalesced loads)
+_ALIGN = (
+    256  # each tensor view starts on a 256-byte boundary (any dtype's alignment; coalesced loads)
+)
 
 
 def _aligned(n: int) -> int:
@@ -42,9 +44,9 @@ class CudaStager:
     def stage(
         self,
         items: Sequence[tuple[str, memoryview, torch.dtype, tuple[int, ...], torch.dtype]],
-        profiler=None,
     ) -> StagedLayer:
-        """Pack `(key, bytes, src dtype, shape, run dtype)` items, copy them to the GPU, cast there."""
+        """Pack `(key, bytes, src dtype, shape, run dtype)` items, copy them to the GPU, cast
+        there."""
         slot = self._next
         self._next = (self._next + 1) % len(self._buffers)
         if self._in_flight[slot] is not None:
@@ -62,7 +64,7 @@ class CudaStager:
         with torch.cuda.stream(self.stream):
             block = torch.empty(offset, dtype=torch.uint8, device=self.device)
             block.copy_(pinned[:offset], non_blocking=True)
-            for (key, buf, src_dtype, shape, dtype), start in zip(items, offsets):
+            for (key, buf, src_dtype, shape, dtype), start in zip(items, offsets, strict=True):
                 n = len(buf)
                 tensor = block[start : start + n].view(src_dtype).view(shape)
                 if dtype != src_dtype:

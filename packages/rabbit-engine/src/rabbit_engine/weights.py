@@ -2,10 +2,10 @@
 resident parts) at a time.
 
 transformers 5 renames and converts checkpoint keys at load time for some families (Mixtral's
-per-expert `w1/w3` become the fused `mlp.experts.gate_up_proj`). We reuse its mapping: keys are renamed
-with `transformers.core_model_loading.rename_source_key` once, at build time. Keys that only need a
-rename take the hot path below (a zero-copy `torch.frombuffer` view, cast only when the dtype differs);
-keys that a `WeightConverter` must combine go through transformers' own
+per-expert `w1/w3` become the fused `mlp.experts.gate_up_proj`). We reuse its mapping: keys are
+renamed with `transformers.core_model_loading.rename_source_key` once, at build time. Keys that only
+need a rename take the hot path below (a zero-copy `torch.frombuffer` view, cast only when the dtype
+differs); keys that a `WeightConverter` must combine go through transformers' own
 `convert_and_load_state_dict_in_model`, restricted to that group's tensors.
 """
 
@@ -29,15 +29,16 @@ from transformers.core_model_loading import (
 from transformers.modeling_utils import LoadStateDictConfig
 from transformers.utils import logging as hf_logging
 
+from rabbit_engine.dtypes import SAFETENSORS_DTYPES
 from rabbit_engine.errors import WeightMismatchError
-from rabbit_engine.options import SAFETENSORS_DTYPES
+from rabbit_engine.readahead import MappedSpan, unmap
 from rabbit_engine.staging import CudaStager
-from rabbit_store import CheckpointIndex, TensorInfo
+from rabbit_store import CheckpointIndex, LayerReader, TensorInfo
 
 logger = logging.getLogger(__name__)
 
-RESIDENT = -1
-ALIGNMENT = 64  # bytes; what torch's CPU allocator guarantees, and what oneDNN's fast paths assume  # group id of everything outside the decoder-layer list (embeddings, norm, head, ...)
+RESIDENT = -1  # group id of everything outside the decoder-layer list (embeddings, norm, head...)
+ALIGNMENT = 64  # bytes; what torch's CPU allocator guarantees, and what oneDNN's fast paths assume
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ class Slot:
 
 @dataclass
 class Group:
-    """The tensors read and the module tensors filled together (one decoder layer, or the resident parts)."""
+    """The tensors read and the module tensors filled together (one decoder layer, or the resident
+    parts)."""
 
     gid: int
     keys: list[str] = field(default_factory=list)  # every checkpoint key this group reads
@@ -141,8 +143,9 @@ class WeightMap:
             expected = meta_sd[target]
             if tuple(expected.shape) != tuple(info.shape):
                 raise WeightMismatchError(
-                    f"{info.file}: tensor {key!r} has shape {list(info.shape)}, but the config implies "
-                    f"{list(expected.shape)} for {target!r}. Is config.json the one this checkpoint was saved with?"
+                    f"{info.file}: tensor {key!r} has shape {list(info.shape)}, but the config "
+                    f"implies {list(expected.shape)} for {target!r}. Is config.json the one this "
+                    "checkpoint was saved with?"
                 )
             if info.dtype not in SAFETENSORS_DTYPES:
                 raise WeightMismatchError(
@@ -179,7 +182,7 @@ class WeightMap:
                     f"The checkpoint has no tensor for {target!r} ({group.name}); "
                     "the checkpoint is incomplete or was not saved for this config."
                 )
-        # Tied targets (lm_head.weight when tie_word_embeddings) are filled by re-tying, not by a read.
+        # Tied targets (lm_head.weight when tie_word_embeddings) are filled by re-tying, not a read.
         for target in tied & set(meta_sd):
             if target not in covered:
                 self.groups[_owner(target, layers_prefix)].targets.pop(target, None)
@@ -201,10 +204,10 @@ class WeightMap:
     def materialize(
         self, gid: int, raw: Mapping[str, memoryview], stager: CudaStager | None = None
     ) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
-        """Tensors for the group's rename-only slots, and the CUDA event they are ready at (or None).
+        """Tensors for the group's rename-only slots, and the CUDA event they are ready at.
 
-        CPU: views over `raw` (zero copy), cast only when the run dtype differs; with `align`, a view
-        that is not 64-byte aligned is copied (oneDNN takes another vector path for unaligned
+        CPU: views over `raw` (zero copy), cast only when the run dtype differs; with `align`, a
+        view that is not 64-byte aligned is copied (oneDNN takes another vector path for unaligned
         weights, which changes float32 results by a few ulps). CUDA with a stager: one pinned,
         asynchronous transfer per layer on a side stream.
         """
@@ -252,9 +255,51 @@ class WeightMap:
             else:
                 module._parameters[attr] = meta
 
-    def is_loaded(self, gid: int) -> bool:
-        targets = self.groups[gid].targets.values()
-        return any(not getattr(module, attr).is_meta for module, attr, _ in targets)
+    def own(self, gid: int, reader: LayerReader) -> None:
+        """Copy a group's CPU weights out of the reader's mapped files into memory we own.
+
+        For groups kept for the model's life (the resident parts, resident layers). A view over a
+        mapped file is only as resident as the page cache lets it be: once the streamed layers
+        fill memory (a model larger than RAM, or a memory cap), the kernel evicts the head and
+        embeddings like any other file page and the compute thread re-reads them every token, in
+        page faults nothing overlaps (measured under a 1.41 GiB cap: ~170 MiB per token faulted in
+        by compute for a 262 MB head + embeddings). Anonymous copies stay; they are what the memory
+        budget counted anyway. Tied parameters stay tied (one copy per source tensor, and every
+        holder re-pointed to it), and the copied file pages are unmapped.
+        """
+        group = self.groups[gid]
+        files = {self.index.tensors[key].file for key in group.keys}
+        if not any(reader.is_local(file) for file in files):
+            return  # remote reads already own their memory (CUDA tensors are skipped below)
+        copies: dict[int, torch.nn.Parameter | torch.Tensor] = {}
+        originals = []  # alive until every holder is swapped, so their ids stay unique
+        for module, attr, _ in group.targets.values():
+            old = getattr(module, attr)
+            if old.is_meta or old.device.type != "cpu" or id(old) in copies:
+                continue
+            originals.append(old)
+            data = old.detach().clone()
+            copies[id(old)] = (
+                torch.nn.Parameter(data, requires_grad=False)
+                if isinstance(old, torch.nn.Parameter)
+                else data
+            )
+        # Every holder of a copied tensor (a tied head is not among the group's targets)
+        for module in self.model.modules():
+            for table in (module._parameters, module._buffers):
+                for name, value in table.items():
+                    if value is not None and id(value) in copies:
+                        table[name] = copies[id(value)]
+        del originals
+        # The file pages just copied no longer need to be mapped (nor counted in our RSS). Tensor
+        # by tensor, not the group's span: streamed layers' bytes may lie between resident ones.
+        spans = []
+        for key in group.keys:
+            info = self.index.tensors[key]
+            path, mapping = reader.local_path(info.file), reader.mapping(info.file)
+            if path is not None:
+                spans.append(MappedSpan(path, info.offset, info.offset + info.nbytes, mapping))
+        unmap(spans)
 
     # ---- transformers' conversion path -------------------------------------------------------
     def _convert_with_transformers(self, group: Group, raw: Mapping[str, memoryview]) -> None:
@@ -284,14 +329,15 @@ class WeightMap:
         still_meta = [t for t, (m, a, _) in group.targets.items() if getattr(m, a).is_meta]
         if still_meta:
             raise WeightMismatchError(
-                f"transformers' weight conversion left {', '.join(still_meta[:4])} unloaded in {group.name}: "
-                "the checkpoint's tensors do not match the shapes this config implies."
+                f"transformers' weight conversion left {', '.join(still_meta[:4])} unloaded in "
+                f"{group.name}: the checkpoint's tensors do not match the shapes this config "
+                "implies."
             )
 
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """transformers draws a 'Loading weights' bar per call; one per streamed layer would be noise."""
+    """transformers draws a 'Loading weights' bar per call: one per streamed layer is noise."""
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:

@@ -1,9 +1,13 @@
-"""LayerReader: the raw bytes of a set of tensors (one decoder layer), as fast as the backend allows.
+"""LayerReader: the raw bytes of a set of tensors (one decoder layer), as fast as the backend
+allows.
 
 Local files (the Source gives a local_path: local dir, file://, hub cache) are mapped once with a
 private copy-on-write mmap and tensors are returned as zero-copy memoryview slices: writable (so
 `torch.frombuffer` does not warn), and the page cache does the I/O. Remote files are read with
 coalesced ranges split into parts that the backend (`cat_ranges`) fetches concurrently.
+
+The reader only reads, in the caller's thread, and says what a file is (`is_local`, `mapping`,
+`spans`); when to read ahead, and in which thread, is the engine's prefetch strategy's to decide.
 """
 
 from __future__ import annotations
@@ -11,10 +15,8 @@ from __future__ import annotations
 import logging
 import mmap
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import InvalidOptionError
 from .index import CheckpointIndex
@@ -28,8 +30,14 @@ COALESCE_GAP = 64 * 1024
 #: Coalesced ranges are cut into parts of this size so that a remote backend fetches them in
 #: parallel (s3fs/HTTP `cat_ranges` run one request per range, concurrently).
 PART_BYTES = 16 * 1024 * 1024
-#: Remote prefetches kept at once (the engine prefetches the next layer or two).
-PREFETCH_SLOTS = 2
+
+
+class Span(NamedTuple):
+    """The bytes [start, end) of one file that a group of tensors occupies."""
+
+    file: str
+    start: int
+    end: int
 
 
 def coalesce(
@@ -63,20 +71,20 @@ def packed_layout(infos: Sequence[TensorInfo]) -> tuple[dict[str, int], int]:
 
 
 class LayerReader:
-    """Reads groups of tensors from a Source described by a CheckpointIndex."""
+    """Reads groups of tensors from a Source described by a CheckpointIndex.
+
+    Safe to call from two threads (the engine reads ahead in one and computes in another): the only
+    shared state, the table of mapped files, is filled under a lock.
+    """
 
     def __init__(self, source: Source, index: CheckpointIndex) -> None:
         self.source = source
         self.index = index
         self._maps: dict[str, mmap.mmap | None] = {}
+        self._paths: dict[str, str | None] = {}
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: OrderedDict[tuple[str, ...], Future[dict[str, bytes | memoryview]]] = (
-            OrderedDict()
-        )
-        self._closed = False
 
-    # -- mapping ---------------------------------------------------------------------------------
+    # -- what a file is --------------------------------------------------------------------------
     def _map(self, file: str) -> mmap.mmap | None:
         """The private mmap of a local file (created on first use), or None when remote."""
         if file in self._maps:
@@ -84,6 +92,7 @@ class LayerReader:
         with self._lock:
             if file not in self._maps:
                 path = self.source.local_path(file)  # a hub source downloads the shard here
+                self._paths[file] = path
                 if path is None:
                     self._maps[file] = None
                 else:
@@ -93,10 +102,32 @@ class LayerReader:
                         self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
             return self._maps[file]
 
+    def is_local(self, file: str) -> bool:
+        """Whether `file` is read through a local map (views, page cache) rather than fetched.
+
+        Asking maps the file (a hub source downloads it first), as the first read would.
+        """
+        return self._map(file) is not None
+
+    def local_path(self, file: str) -> str | None:
+        """The local file behind `file`'s map (None when remote)."""
+        self._map(file)
+        return self._paths.get(file)
+
     def mapping(self, file: str) -> mmap.mmap | None:
         """The reader's own map of a local file (None when remote): read-ahead done on it also fills
         the page tables the returned views use."""
         return self._map(file)
+
+    def spans(self, names: Sequence[str]) -> list[Span]:
+        """The byte span each file holds of these tensors (a layer is mostly contiguous in a file),
+        in first-seen file order; empty tensors occupy no bytes and are left out."""
+        spans: dict[str, list[int]] = {}
+        for info in self._infos(names):
+            if info.nbytes:
+                span = spans.setdefault(info.file, [info.offset, info.end])
+                span[0], span[1] = min(span[0], info.offset), max(span[1], info.end)
+        return [Span(file, start, end) for file, (start, end) in spans.items()]
 
     def _infos(self, names: Sequence[str]) -> list[TensorInfo]:
         try:
@@ -118,7 +149,7 @@ class LayerReader:
         for info in infos:
             pieces = [
                 memoryview(data)[max(info.offset, start) - start : min(info.end, end) - start]
-                for (file, start, end), data in zip(parts, chunks)
+                for (file, start, end), data in zip(parts, chunks, strict=True)
                 if file == info.file and start < info.end and end > info.offset
             ]
             out[info.name] = pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces))
@@ -133,11 +164,6 @@ class LayerReader:
         every tensor is copied into it (packed, widest dtype first) and the views point into it.
         """
         infos = self._infos(names)
-        key = tuple(names)
-        with self._lock:
-            pending = self._pending.pop(key, None)
-        prefetched = pending.result() if pending is not None else {}
-
         target: memoryview | None = None
         offsets, total = packed_layout(infos)
         if out is not None:
@@ -159,8 +185,7 @@ class LayerReader:
             else:
                 views[info.name] = memoryview(mapped)[info.offset : info.end]
         if remote:
-            missing = [i for i in remote if i.name not in prefetched]
-            fetched = {**prefetched, **(self._fetch(missing) if missing else {})}
+            fetched = self._fetch(remote)
             if target is None:
                 # bytes from the backend are read-only; one copy into a bytearray makes them
                 # writable like the local views.
@@ -179,59 +204,25 @@ class LayerReader:
                 views[info.name] = target[start : start + info.nbytes]
         return {name: views[name] for name in names}
 
-    def prefetch(self, names: Sequence[str]) -> None:
-        """Start bringing these tensors in without blocking: madvise(WILLNEED) on local maps, a
-        background read (kept for the next `read` of the same names) for remote files."""
-        key = tuple(names)
-        infos = self._infos(names)
-        if all(self._maps.get(info.file) is not None for info in infos):
-            # Every file is already mapped: madvise only queues readahead, so it is issued right
-            # here. A thread hop would cost more than the syscall and contend for the GIL with the
-            # compute thread (measured: +30% on a warm decode step).
-            self._advise(infos)
-            return
-        with self._lock:
-            if self._closed or key in self._pending:
-                return
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rabbit-prefetch")
-            self._pending[key] = self._pool.submit(self._prefetch_now, infos)
-            while len(self._pending) > PREFETCH_SLOTS:
-                self._pending.popitem(last=False)[1].cancel()
+    def advise(self, names: Sequence[str]) -> None:
+        """madvise(WILLNEED) over these tensors' spans in files already mapped; a no-op for remote
+        files and for files not mapped yet (the read that follows maps them).
 
-    def _advise(self, infos: Sequence[TensorInfo]) -> None:
-        """madvise(WILLNEED) once per file over the span of `infos` (a layer is mostly contiguous)."""
-        advise = getattr(mmap, "MADV_WILLNEED", None)
-        if advise is None:
+        madvise only queues the kernel's readahead, so this returns at once: issued from the compute
+        thread, it costs less than a thread hop would (measured: a hop cost +30% on a warm decode
+        step, contending for the GIL with the compute thread).
+        """
+        advice = getattr(mmap, "MADV_WILLNEED", None)
+        if advice is None:
             return
-        spans: dict[str, list[int]] = {}
-        for info in infos:
-            if info.nbytes:
-                span = spans.setdefault(info.file, [info.offset, info.end])
-                span[0], span[1] = min(span[0], info.offset), max(span[1], info.end)
-        for file, (start, end) in spans.items():
-            start -= start % mmap.PAGESIZE
-            self._maps[file].madvise(advise, start, end - start)
-
-    def _prefetch_now(self, infos: Sequence[TensorInfo]) -> dict[str, bytes | memoryview]:
-        remote: list[TensorInfo] = []
-        local: list[TensorInfo] = []
-        for info in infos:
-            mapped = self._map(info.file)  # in this thread: a lazy hub download does not block read
-            (remote if mapped is None else local).append(info)
-        self._advise(local)
-        return dict(self._fetch(remote)) if remote else {}
+        for file, start, end in self.spans(names):
+            mapped = self._maps.get(file)
+            if mapped is not None:
+                start -= start % mmap.PAGESIZE
+                mapped.madvise(advice, start, end - start)
 
     def close(self) -> None:
-        """Stop prefetching and unmap files (maps with views still alive are left to the GC)."""
-        with self._lock:
-            self._closed = True
-            for future in self._pending.values():
-                future.cancel()
-            self._pending.clear()
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+        """Unmap files (maps with views still alive are left to the GC)."""
         for mapped in self._maps.values():
             if mapped is not None:
                 try:
@@ -239,6 +230,7 @@ class LayerReader:
                 except BufferError:
                     logger.debug("mmap still has exported views; closed when they are released")
         self._maps.clear()
+        self._paths.clear()
 
     def __enter__(self) -> LayerReader:
         return self
