@@ -8,34 +8,21 @@ recomputing the whole sequence without a cache, and the greedy tokens are not al
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-try:  # tests/ is not a package: pytest's default (prepend) import mode puts this folder on sys.path
-    from families import (
-        BOS_ID,
-        EOS_ID,
-        FAMILIES,
-        PAD_ID,
-        REJECTED,
-        VOCAB,
-        available_families,
-        build_model,
-        save_checkpoint,
-    )
-except ImportError:  # pragma: no cover - importlib mode / run from the repository root
-    from tests.models.families import (  # type: ignore[no-redef]
-        BOS_ID,
-        EOS_ID,
-        FAMILIES,
-        PAD_ID,
-        REJECTED,
-        VOCAB,
-        available_families,
-        build_model,
-        save_checkpoint,
-    )
+from tests.models.families import (
+    BOS_ID,
+    EOS_ID,
+    FAMILIES,
+    PAD_ID,
+    VOCAB,
+    available_families,
+    build_model,
+    save_checkpoint,
+)
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
@@ -55,44 +42,49 @@ def _prompt(batch: int = 1) -> torch.Tensor:
     return torch.randint(2, VOCAB - 2, (batch, PROMPT_LEN), generator=gen)
 
 
-@pytest.fixture(scope="module", params=available_families())
+# As in test_family_parity: the first issue's families by default, every other one under `slow`.
+@pytest.fixture(
+    scope="module",
+    params=[
+        f if FAMILIES[f].required else pytest.param(f, marks=pytest.mark.slow)
+        for f in available_families()
+    ],
+)
 def family(request):
     model_type = request.param
     model = build_model(model_type)
     return model_type, model
 
 
-def test_registry_is_consistent():
-    assert FAMILIES, "no families"
-    assert not set(FAMILIES) & set(REJECTED), set(FAMILIES) & set(REJECTED)
-    for name, spec in FAMILIES.items():
-        assert spec.model_type == name
-    for name, reason in REJECTED.items():
-        assert reason.strip(), name
-
-
-def test_every_causal_lm_is_classified():
-    """Each model_type transformers maps to a causal LM is either a family or rejected."""
+def test_family_builds_the_class_a_checkpoint_of_its_type_loads_into(family):
+    """The tiny model must be the class AutoModelForCausalLM picks for a real checkpoint of the
+    type (a composite config builds its multimodal class, an alias its target): else the parity
+    tests would verify another class than the one users stream."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    missing = sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - set(FAMILIES) - set(REJECTED))
-    assert not missing, f"unclassified causal-LM types (add to FAMILIES or REJECTED): {missing}"
+    model_type, model = family
+    assert type(model).__name__ == MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
 
 
 def test_tiny_config(family):
     model_type, model = family
-    cfg = model.config
-    assert cfg.model_type == model_type
+    cfg = model.config.get_text_config()
     assert cfg.hidden_size == 64
     assert cfg.vocab_size == VOCAB
-    assert 2 <= cfg.num_hidden_layers <= (4 if model_type == "longcat_flash" else 3)
-    assert cfg.max_position_embeddings >= 256
-    assert (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) == (PAD_ID, BOS_ID, EOS_ID)
-    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    assert 2 <= cfg.num_hidden_layers <= 4
+    # Recurrent models have no position limit, some configs no BOS/pad: checked where they exist.
+    positions = getattr(cfg, "max_position_embeddings", 256)
+    assert positions == -1 or positions >= 256  # -1: no limit (XLNet's relative positions)
+    ids = (getattr(cfg, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id"))
+    assert all(got in (want, None) for got, want in zip(ids, (PAD_ID, BOS_ID, EOS_ID), strict=True))
+    assert sum(p.numel() for p in model.parameters()) < 4_000_000
 
 
 def test_tied_and_untied_both_covered():
-    tied = {name: FAMILIES[name].make_config().tie_word_embeddings for name in available_families()}
+    tied = {
+        name: getattr(FAMILIES[name].make_config().get_text_config(), "tie_word_embeddings", False)
+        for name in available_families()
+    }
     assert any(tied.values()) and not all(tied.values()), tied
 
 
@@ -111,11 +103,17 @@ def test_save_reload_exact(family, sharded, tmp_path):
     else:
         assert files == ["model.safetensors"], files
     reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    assert reloaded.config.model_type == model_type
+    assert reloaded.config.model_type == model.config.model_type
+    # Every weight is in the reloaded model, and the logits match within the parity tests' float32
+    # bound: MoE kernels round differently over the mapped file's alignment (a few ulps, as in
+    # test_family_parity), and transformers re-zeroes a padding embedding row on load (youtu),
+    # so neither logits nor weights are compared bit for bit.
+    assert set(reloaded.state_dict()) == set(model.state_dict())
     with torch.no_grad():
         got = reloaded(ids).logits
     assert got.dtype == torch.float32
-    assert torch.equal(got, expected), (got - expected).abs().max()
+    ulp = 2.0 ** (math.floor(math.log2(expected.abs().max().item())) - 23)
+    assert (got - expected).abs().max().item() <= max(1e-5, 32 * ulp)
 
 
 def _greedy_without_cache(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
@@ -131,11 +129,13 @@ def _greedy_without_cache(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
 def test_greedy_cache_matches_recompute(family):
     model_type, model = family
     ids = _prompt()
+    # A model with its own decode state (SSM/RNN) gets the cache transformers picks for it.
+    cache = DynamicCache(config=model.config) if FAMILIES[model_type].kv_cache else None
     with torch.no_grad():
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=DynamicCache(config=model.config),
+            past_key_values=cache,
             max_new_tokens=NEW_TOKENS,
             min_new_tokens=NEW_TOKENS,
             do_sample=False,
@@ -143,6 +143,9 @@ def test_greedy_cache_matches_recompute(family):
         )
     cached = out[:, ids.shape[1] :]
     recomputed = _greedy_without_cache(model, ids, NEW_TOKENS)
+    if FAMILIES[model_type].recompute_differs:  # documented; fails once transformers agrees
+        assert cached.tolist() != recomputed.tolist(), "recompute_differs is stale: remove it"
+        return
     assert cached.tolist() == recomputed.tolist(), (cached.tolist(), recomputed.tolist())
     tokens = cached[0].tolist()
     assert len(set(tokens)) > 1, f"{model_type}: degenerate greedy tokens {tokens}"

@@ -1,4 +1,4 @@
-"""The adapter that serves every family transformers ships: find the decoder-layer list in the model."""
+"""The adapter that serves every family transformers ships: find the model's decoder-layer list."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ _LAYER_ATTRS = ("layers", "h", "blocks", "decoder.layers", "language_model.layer
 
 
 class GenericAdapter:
-    """Finds the ModuleList of `config.num_hidden_layers` decoder layers; everything else is resident."""
+    """Finds the ModuleList of `config.num_hidden_layers` decoder layers; the rest is resident."""
 
     def layout(self, model: PreTrainedModel) -> ModelLayout:
         expected = getattr(model.config.get_text_config(), "num_hidden_layers", None)
@@ -35,8 +35,8 @@ class GenericAdapter:
                     candidates.append((name, module))
         if not candidates:
             raise UnsupportedModelError(
-                f"{type(model).__name__}: cannot find its decoder-layer list; this family needs its own "
-                "adapter in rabbit_models."
+                f"{type(model).__name__}: cannot find its decoder-layer list; this family needs "
+                "its own adapter in rabbit_models."
             )
         # The list found where transformers keeps it is trusted even when its length is not
         # num_hidden_layers (LongcatFlash counts sub-layers there); the weight map then checks every

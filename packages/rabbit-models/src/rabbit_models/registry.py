@@ -1,5 +1,5 @@
-"""Family adapters by model_type. The generic adapter is the default; a family registers its own only
-for a real structural difference, and that adapter stays tiny."""
+"""Family adapters by model_type. The generic adapter is the default; a family registers its own
+only for a real structural difference, and that adapter stays tiny."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from transformers import PretrainedConfig
 
 from rabbit_engine.layout import LayoutAdapter
 from rabbit_models.generic import GenericAdapter
+from rabbit_models.support import check_supported
 
 _ADAPTERS: dict[str, LayoutAdapter] = {}
 _GENERIC = GenericAdapter()
@@ -17,4 +18,11 @@ def register_adapter(model_type: str, adapter: LayoutAdapter) -> None:
 
 
 def adapter_for(config: PretrainedConfig) -> LayoutAdapter:
+    """The layout adapter of `config`'s family, after the support table has had its say.
+
+    Raises UnsupportedModelError for a refused model_type (with the table's reason); the facade
+    calls this right after reading config.json, so a refused model fails before any weight file is
+    opened.
+    """
+    check_supported(config)
     return _ADAPTERS.get(config.model_type, _GENERIC)
