@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """One short GPU check (run it on a lent CUDA machine; it needs no network): family parity on CUDA
-through the pinned-staging path, then a quick side-by-side benchmark. Target: under 5 minutes.
+through the pinned-staging path (the required families; --all for every supported one), flash-attn
+when it is installed, then a quick side-by-side benchmark. Target: under 5 minutes.
 
     python tools/gpu_check.py            # exits non-zero on any mismatch
+    python tools/gpu_check.py --all      # every supported family (much longer)
 """
 
 from __future__ import annotations
@@ -20,10 +22,17 @@ sys.path.insert(0, str(ROOT))
 
 from rabbitllm import AutoModel  # noqa: E402
 from rabbitllm.utils.platform import is_flash_attention_available  # noqa: E402
-from tests.models.families import available_families, build_model, save_checkpoint  # noqa: E402
+from tests.models.families import (  # noqa: E402
+    FAMILIES,
+    available_families,
+    build_model,
+    save_checkpoint,
+)
 
 
-def check_family(family: str, tmp: Path, dtype: torch.dtype) -> tuple[bool, str]:
+def check_family(
+    family: str, tmp: Path, dtype: torch.dtype, attn: str = "sdpa"
+) -> tuple[bool, str]:
     ref = build_model(family, dtype=torch.float32, seed=0)
     path = save_checkpoint(ref, tmp / family, sharded=True)
     ref = ref.to(device="cuda", dtype=dtype)
@@ -35,7 +44,7 @@ def check_family(family: str, tmp: Path, dtype: torch.dtype) -> tuple[bool, str]
         pad_token_id=ref.config.pad_token_id or 0,
     )
     with AutoModel.from_pretrained(
-        path, device="cuda", dtype=dtype, attn_implementation="sdpa"
+        path, device="cuda", dtype=dtype, attn_implementation=attn
     ) as model:
         with torch.no_grad():
             diff = (ref(ids).logits.float() - model(ids).logits.float()).abs().max().item()
@@ -47,19 +56,27 @@ def check_family(family: str, tmp: Path, dtype: torch.dtype) -> tuple[bool, str]
 
 def main() -> int:
     assert torch.cuda.is_available(), "run this on a CUDA machine"
-    print(
-        "GPU:", torch.cuda.get_device_name(), "flash:", is_flash_attention_available(torch.bfloat16)
-    )
+    flash, why = is_flash_attention_available(torch.bfloat16)
+    print("GPU:", torch.cuda.get_device_name(), "flash:", flash, why)
+    families = available_families()
+    if "--all" not in sys.argv[1:]:
+        families = [f for f in families if FAMILIES[f].required]
+    runs = [(f, dtype, "sdpa") for dtype in (torch.float32, torch.bfloat16) for f in families]
+    if flash:  # the flash-attn path: half precision only
+        runs += [(f, torch.bfloat16, "flash_attention_2") for f in families]
     failures = 0
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        for dtype in (torch.float32, torch.bfloat16):
-            for family in available_families():
-                ok, detail = check_family(family, Path(tmp), dtype)
-                failures += not ok
-                print(
-                    f"{'ok  ' if ok else 'FAIL'} {family:16s} {str(dtype):15s} {detail}", flush=True
-                )
+        for family, dtype, attn in runs:
+            try:
+                ok, detail = check_family(family, Path(tmp) / attn, dtype, attn)
+            except Exception as exc:  # one family's crash is a finding, not the end of the check
+                ok, detail = False, f"{type(exc).__name__}: {exc}"
+            failures += not ok
+            print(
+                f"{'ok  ' if ok else 'FAIL'} {family:16s} {str(dtype):15s} {attn:17s} {detail}",
+                flush=True,
+            )
     print(f"parity: {failures} failure(s) in {time.time() - start:.0f}s")
     bench = [sys.executable, "-m", "tools.rabbit_bench", "--quick", "--device", "cuda"]
     subprocess.run(bench, cwd=ROOT, check=False)

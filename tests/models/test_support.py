@@ -4,6 +4,7 @@ a tiny checkpoint that the parity tests run, and a refused type fails before any
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -87,7 +88,7 @@ _CONFIG_FIXES = {
 }
 
 
-def _refused_checkpoint(model_type: str, path) -> None:
+def _refused_checkpoint(model_type: str, path, *, tokenizer: bool = True) -> None:
     """config.json of the type, a tokenizer, and weight files that cannot be read: only the table
     can answer."""
     from tokenizers import Tokenizer, models
@@ -95,10 +96,12 @@ def _refused_checkpoint(model_type: str, path) -> None:
 
     path.mkdir()
     AutoConfig.for_model(model_type, **_CONFIG_FIXES.get(model_type, {})).save_pretrained(path)
+    (path / "model.safetensors").write_bytes(b"\xff" * 64)  # not a safetensors header
+    if not tokenizer:
+        return
     vocab = {"<unk>": 0, "hi": 1}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(path)
-    (path / "model.safetensors").write_bytes(b"\xff" * 64)  # not a safetensors header
 
 
 @pytest.mark.parametrize("model_type", REFUSED)
@@ -111,9 +114,26 @@ def test_refused_type_raises_before_any_weight_is_read(model_type, tmp_path):
     assert SUPPORT[model_type].reason in message
 
 
-def test_cli_refuses_in_one_line_with_exit_2(tmp_path):
+def test_refused_type_is_refused_before_its_config_is_parsed(tmp_path):
+    """A refused family whose config.json this transformers cannot even parse still gets the
+    table's reason, not a config error."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    data = {"model_type": "xlm", "rope_scaling": 5}
+    with pytest.raises(Exception):  # noqa: B017 - the premise: transformers refuses this config
+        CONFIG_MAPPING["xlm"].from_dict(data)
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(UnsupportedModelError, match="model_type='xlm' is not supported"):
+        AutoModel.from_pretrained(path)
+
+
+@pytest.mark.parametrize("tokenizer", [True, False], ids=["with-tokenizer", "no-tokenizer"])
+def test_cli_refuses_in_one_line_with_exit_2(tmp_path, tokenizer):
+    """The refusal comes first, even when the model also lacks a tokenizer."""
     model_type = "whisper" if "whisper" in REFUSED else REFUSED[0]
-    _refused_checkpoint(model_type, tmp_path / "ckpt")
+    _refused_checkpoint(model_type, tmp_path / "ckpt", tokenizer=tokenizer)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RABBITLLM_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(
         [

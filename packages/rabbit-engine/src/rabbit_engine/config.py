@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -14,8 +15,17 @@ from rabbit_store.errors import InvalidCheckpointError, RabbitError
 logger = logging.getLogger(__name__)
 
 
-def load_config(source, *, trust_remote_code: bool = False) -> PretrainedConfig:
-    """config.json -> transformers config; remote code only when the caller asked for it."""
+def load_config(
+    source,
+    *,
+    trust_remote_code: bool = False,
+    refuse: Callable[[str | None], None] | None = None,
+) -> PretrainedConfig:
+    """config.json -> transformers config; remote code only when the caller asked for it.
+
+    `refuse(model_type)` is called with the raw model_type before transformers parses anything:
+    the facade passes rabbit_models' support check, so a refused family is refused for its real
+    reason even when its config would not parse here (the engine cannot import rabbit_models)."""
     if not source.exists("config.json"):
         raise InvalidCheckpointError(
             f"{source.location}: no config.json; point at a model directory (the one with "
@@ -30,6 +40,8 @@ def load_config(source, *, trust_remote_code: bool = False) -> PretrainedConfig:
     if not isinstance(data, dict):
         raise InvalidCheckpointError(f"{source.location}/config.json is not a JSON object.")
     model_type = data.get("model_type")
+    if refuse is not None:
+        refuse(model_type)
     if not model_type and not data.get("architectures"):
         raise InvalidCheckpointError(
             f"{source.location}/config.json names neither 'model_type' nor 'architectures'; "

@@ -1,7 +1,8 @@
 """The object users get: transformers' own model class, with streaming attached.
 
 The instance's class is swapped for a subclass that adds a few attributes (the same technique PEFT
-and accelerate use) so it stays a `GenerationMixin`/`PreTrainedModel` in every check transformers does.
+and accelerate use) so it stays a `GenerationMixin`/`PreTrainedModel` in every check transformers
+does.
 """
 
 from __future__ import annotations

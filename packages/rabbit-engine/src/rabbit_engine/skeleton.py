@@ -82,7 +82,7 @@ def _apply_dtype_plan(model: PreTrainedModel, dtype: torch.dtype) -> None:
 
 
 def move_buffers(model: torch.nn.Module, device: torch.device) -> None:
-    """Move real buffers to `device` without touching meta parameters (`model.to` would fail on them)."""
+    """Move real buffers to `device` without touching meta parameters (`model.to` fails on them)."""
     if device.type == "cpu":
         return
     for module in model.modules():

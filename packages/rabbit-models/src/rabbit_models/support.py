@@ -244,6 +244,18 @@ def support_for(model_type: str) -> ModelSupport | None:
     return SUPPORT.get(model_type)
 
 
+def refuse_unsupported(model_type: str | None) -> None:
+    """Raise UnsupportedModelError for a type the table refuses; anything else passes.
+
+    Takes the raw model_type so that a caller can refuse before transformers parses the config
+    (a refused family's config may not even parse on this version)."""
+    row = SUPPORT.get(model_type) if model_type else None
+    if row is not None and not row.supported:
+        raise UnsupportedModelError(
+            f"model_type={model_type!r} is not supported by RabbitLLM: {row.reason}."
+        )
+
+
 def check_supported(config: PretrainedConfig) -> ModelSupport | None:
     """Refuse a refused type (UnsupportedModelError), say the cost of a multi-read one, warn of
     an unknown one; called by `adapter_for` before any weight is read."""
@@ -259,10 +271,7 @@ def check_supported(config: PretrainedConfig) -> ModelSupport | None:
             VERIFIED_TRANSFORMERS,
         )
         return None
-    if not row.supported:
-        raise UnsupportedModelError(
-            f"model_type={model_type!r} is not supported by RabbitLLM: {row.reason}."
-        )
+    refuse_unsupported(model_type)
     installed = _installed_transformers()
     if installed is not None and installed < Version(row.min_transformers):
         logger.warning(

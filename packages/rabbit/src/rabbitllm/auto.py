@@ -15,6 +15,7 @@ from rabbit_engine.errors import InvalidOptionError, PickleRefusedError
 from rabbit_engine.options import StreamingOptions
 from rabbit_engine.pickle_import import convert_pickle_checkpoint, pickle_files
 from rabbit_models import adapter_for
+from rabbit_models.support import refuse_unsupported
 from rabbit_store import CheckpointIndex, open_source
 from rabbit_store.constants import cache_root
 from rabbit_store.errors import CheckpointNotFoundError
@@ -83,7 +84,7 @@ class AutoModel:
             storage_options=storage_options,
             local_cache=local_cache,
         )
-        config = load_config(src, trust_remote_code=trust_remote_code)
+        config = load_config(src, trust_remote_code=trust_remote_code, refuse=refuse_unsupported)
         adapter = adapter_for(config)  # refuses an unsupported family before any weight is read
         weights_src = src
         if layers_path is not None:

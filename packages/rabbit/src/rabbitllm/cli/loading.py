@@ -34,9 +34,12 @@ VOCAB_PATTERNS = (
 
 
 def open_model(spec: ModelSpec, *, trust_remote_code: bool = False) -> Any:
-    """The store Source of `spec`, checked to be a model: a missing location or a directory without
-    a usable config.json fails here, in a second, with the library's own message (a RabbitError)."""
+    """The store Source of `spec`, checked to be a model: a missing location, a directory without
+    a usable config.json or a family RabbitLLM refuses fails here, in a second, before the
+    tokenizer is looked for, with the library's own message (a RabbitError)."""
     from rabbit_engine import load_config
+    from rabbit_models import adapter_for
+    from rabbit_models.support import refuse_unsupported
     from rabbit_store import open_source
 
     source = open_source(
@@ -45,7 +48,8 @@ def open_model(spec: ModelSpec, *, trust_remote_code: bool = False) -> Any:
         token=spec.token,
         storage_options=spec.storage_options,
     )
-    load_config(source, trust_remote_code=trust_remote_code)
+    config = load_config(source, trust_remote_code=trust_remote_code, refuse=refuse_unsupported)
+    adapter_for(config)
     return source
 
 
