@@ -8,8 +8,9 @@ them directly. Lazy like `rabbit_engine`: `scheme` is torch-free (a manifest or 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from rabbit_engine.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from rabbit_engine.quant.compute import kernel_fits, quantized_linear, repack_int4
@@ -64,8 +65,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+__getattr__, __dir__ = lazy_exports(
+    __name__, {name: f"{__name__}.{module}" for name, module in _EXPORTS.items()}
+)
