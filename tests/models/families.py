@@ -146,7 +146,6 @@ class FamilySpec:
     bf16_tolerance: float = 2**-7  # bf16 logits may differ by this fraction of their magnitude
     # The attention the bf16 reference is loaded with, where transformers' default differs from
     # the engine's choice (see rabbit_models.support's row for the type).
-    ref_attn: str | None = None
     # Non-empty: transformers' own generate() with its cache picks other greedy tokens than a
     # forward over the whole sequence (the model, not streaming: parity holds either way).
     recompute_differs: str = ""
@@ -200,7 +199,6 @@ def _family(
     checkpoint_class: str | None = None,
     fp32_ulps: int = 32,
     bf16_tolerance: float = 2**-7,
-    ref_attn: str | None = None,
     recompute_differs: str = "",
     **overrides: Any,
 ) -> None:
@@ -219,7 +217,6 @@ def _family(
         checkpoint_class=checkpoint_class,
         fp32_ulps=fp32_ulps,
         bf16_tolerance=bf16_tolerance,
-        ref_attn=ref_attn,
         recompute_differs=recompute_differs,
     )
 
@@ -1246,7 +1243,6 @@ _family(
 )
 _family(
     "got_ocr2",
-    ref_attn="eager",
     shrink=True,
     notes=_MULTIMODAL,
 )

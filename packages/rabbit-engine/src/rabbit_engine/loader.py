@@ -43,8 +43,21 @@ def load_streaming_model(
         dtype=dtype,
         device=device,
     )
-    model = build_skeleton(config, model_class=model_class, dtype=dtype, attn_implementation=attn)
-    logger.info("Model initialized with attn_implementation=%r", attn)
+    # "auto" that does not land on flash-attn leaves the choice to transformers, as its own
+    # from_pretrained does: it picks per sub-model (a multimodal class that declares no sdpa
+    # support still runs its text decoder with sdpa), where one string would force the whole
+    # model onto the top class's fallback.
+    per_sub_model = options.attn_implementation == "auto" and attn != "flash_attention_2"
+    model = build_skeleton(
+        config,
+        model_class=model_class,
+        dtype=dtype,
+        attn_implementation=None if per_sub_model else attn,
+    )
+    logger.info(
+        "Model initialized with attn_implementation=%r",
+        model.config.get_text_config()._attn_implementation,
+    )
     if source.exists("generation_config.json"):
         model.generation_config = GenerationConfig.from_dict(
             source.read_json("generation_config.json")

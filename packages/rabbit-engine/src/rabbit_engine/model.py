@@ -25,7 +25,8 @@ class StreamingModelMixin:
 
     @property
     def active_attention_implementation(self) -> str:
-        return self.config._attn_implementation
+        """The decoder's: a multimodal class's top config may name its vision tower's."""
+        return self.config.get_text_config()._attn_implementation
 
     @property
     def streamer_stats(self) -> dict:

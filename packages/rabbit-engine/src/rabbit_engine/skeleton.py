@@ -40,9 +40,11 @@ def build_skeleton(
     *,
     model_class: type[PreTrainedModel],
     dtype: torch.dtype,
-    attn_implementation: str,
+    attn_implementation: str | None,
 ) -> PreTrainedModel:
-    """Instantiate `model_class` with meta parameters and real buffers, in eval mode."""
+    """Instantiate `model_class` with meta parameters and real buffers, in eval mode.
+
+    `attn_implementation=None` is transformers' own default, chosen per sub-model."""
     with init_empty_weights(include_buffers=False):
         model = model_class._from_config(
             config, dtype=dtype, attn_implementation=attn_implementation

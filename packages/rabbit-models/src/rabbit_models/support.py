@@ -121,7 +121,7 @@ _ROWS: list[ModelSupport] = [
             "axk2 bailing_hybrid bamba bart bert bert-generation big_bird bigbird_pegasus "
             "blenderbot blenderbot-small camembert cohere_compass_text cpmant data2vec-text "
             "deepseek_v32 deepseek_v4 dots3_note_text electra ernie falcon_h1 falcon_mamba "
-            "fuyu gemma3 gemma3n_text gemma4 gemma4_unified git glm_moe_dsa gpt-sw3 "
+            "fuyu gemma3 gemma3n_text gemma4 gemma4_unified git glm_moe_dsa got_ocr2 gpt-sw3 "
             "granitemoehybrid hy_v4 inkling2_loop_text inkling2_text inkling_text jamba "
             "kimi_linear lara_mini lfm2 lfm2_moe lfm3 llama4 mamba mamba2 marian mbart "
             "megatron-bert minimax minimax_m3_vl_text moshi moss_transcribe_diarize mvp "
@@ -131,15 +131,6 @@ _ROWS: list[ModelSupport] = [
             "roc_bert roformer rwkv trocr whisper xlm-roberta xlm-roberta-xl xlstm zaya "
             "mllama"
         ).split()
-    ),
-    _ok(
-        "got_ocr2",
-        VERIFIED_TRANSFORMERS,
-        checks=("logits", "decode", "greedy"),
-        reason="bf16 verified against transformers with eager attention only: the engine runs "
-        "the text decoder eager (GotOcr2ForConditionalGeneration declares no sdpa support), "
-        "transformers' own loading picks sdpa for the text sub-model, and in bf16 the two "
-        "kernels' roundings change greedy tokens",
     ),
     _ok(
         "xlnet",
