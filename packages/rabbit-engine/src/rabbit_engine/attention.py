@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rabbit_engine.errors import InvalidOptionError
-from rabbit_engine.options import IMPLEMENTATIONS
+from rabbit_engine.options import IMPLEMENTATIONS, parse_attn_implementation
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +108,7 @@ def select_attention(
     `"auto"` starts at flash; an explicit request starts at itself and, if it cannot be honoured,
     falls back along the same chain with a warning.
     """
-    requested = requested or "auto"
-    if requested != "auto" and requested not in IMPLEMENTATIONS:
-        raise InvalidOptionError(
-            f"attn_implementation={requested!r} is not one of 'auto', "
-            f"{', '.join(map(repr, IMPLEMENTATIONS))}.",
-            option="attn_implementation",
-        )
+    requested = parse_attn_implementation(requested)
     start = 0 if requested == "auto" else IMPLEMENTATIONS.index(requested)
     for impl in IMPLEMENTATIONS[start:]:
         if impl == "flash_attention_2":

@@ -8,13 +8,10 @@ just used).
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
 
-import psutil
 import torch
 
-from rabbit_engine.cgroup import cgroup_available_memory
+from rabbit_engine.cgroup import ram_facts
 from rabbit_engine.errors import MemoryBudgetError
 from rabbit_engine.options import MaxMemory
 from rabbit_engine.weights import RESIDENT, WeightMap
@@ -23,33 +20,6 @@ logger = logging.getLogger(__name__)
 
 AUTO_HEADROOM = 0.15  # leave this share of free memory for activations, the KV cache and the OS
 _GIB = 2**30
-
-
-@dataclass(frozen=True)
-class RamFacts:
-    """The RAM this process can still use: the machine's and its memory cgroup's figures."""
-
-    host_available: int
-    host_total: int
-    cgroup_available: int | None  # None: no memory cgroup limit applies
-
-    @property
-    def available(self) -> int:
-        """What applies: the smaller of the two (a container's limit binds before the host's)."""
-        if self.cgroup_available is None:
-            return self.host_available
-        return min(self.host_available, self.cgroup_available)
-
-    @property
-    def bound_by_cgroup(self) -> bool:
-        return self.cgroup_available is not None and self.cgroup_available < self.host_available
-
-
-def ram_facts(proc_self: str | os.PathLike[str] = "/proc/self") -> RamFacts:
-    """psutil reports the host's free RAM even inside a container; the cgroup says what is left
-    to us. Both are read here so `max_memory="auto"` and `rabbit doctor` agree."""
-    vm = psutil.virtual_memory()
-    return RamFacts(vm.available, vm.total, cgroup_available_memory(proc_self))
 
 
 def resolve_budget(max_memory: MaxMemory, device: torch.device) -> int | None:

@@ -127,3 +127,32 @@ def cgroup_available_memory(proc_self: str | os.PathLike[str] = "/proc/self") ->
         if value is not None:
             found.append(value)
     return min(found) if found else None
+
+
+@dataclass(frozen=True)
+class RamFacts:
+    """The RAM this process can still use: the machine's and its memory cgroup's figures."""
+
+    host_available: int
+    host_total: int
+    cgroup_available: int | None  # None: no memory cgroup limit applies
+
+    @property
+    def available(self) -> int:
+        """What applies: the smaller of the two (a container's limit binds before the host's)."""
+        if self.cgroup_available is None:
+            return self.host_available
+        return min(self.host_available, self.cgroup_available)
+
+    @property
+    def bound_by_cgroup(self) -> bool:
+        return self.cgroup_available is not None and self.cgroup_available < self.host_available
+
+
+def ram_facts(proc_self: str | os.PathLike[str] = "/proc/self") -> RamFacts:
+    """psutil reports the host's free RAM even inside a container; the cgroup says what is left
+    to us. Both are read here so `max_memory="auto"` and `rabbit doctor` agree."""
+    import psutil  # imported here: reading a cgroup alone needs nothing outside the stdlib
+
+    vm = psutil.virtual_memory()
+    return RamFacts(vm.available, vm.total, cgroup_available_memory(proc_self))

@@ -220,5 +220,7 @@ class StreamingOptions:
         given = {name: kwargs.pop(name) for name in cls.names() if name in kwargs}
         if base is None:
             return cls.create(**given)
+        if not given:
+            return base  # already parsed
         merged = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls)}
         return cls.create(**{**merged, **given})

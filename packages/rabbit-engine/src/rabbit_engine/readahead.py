@@ -18,7 +18,10 @@ import ctypes
 import mmap
 import os
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from rabbit_store import LayerReader
 
 CHUNK = 8 << 20  # bytes per pread: large sequential requests, one reusable scratch buffer
 MADV_POPULATE_READ = 22
@@ -63,6 +66,17 @@ def unmap(spans: Iterable[MappedSpan]) -> None:
         last = min(end, len(mapping)) // mmap.PAGESIZE * mmap.PAGESIZE
         if last > first:
             _libc.madvise(_address(mapping) + first, last - first, MADV_DONTNEED)
+
+
+def mapped_spans(reader: LayerReader, spans: Iterable[tuple[str, int, int]]) -> list[MappedSpan]:
+    """`(file, start, end)` spans of the reader's files as MappedSpans (local path and map); spans
+    of files that are not local are left out."""
+    out = []
+    for file, start, end in spans:
+        path = reader.local_path(file)
+        if path is not None:
+            out.append(MappedSpan(path, start, end, reader.mapping(file)))
+    return out
 
 
 class PageWarmer:

@@ -73,13 +73,15 @@ class LayerStreamer:
         Plain synchronous reads: resident groups can be larger than a streamed layer, so they use
         neither the pooled buffers nor the CUDA stager.
         """
-        for gid in (RESIDENT, *sorted(self.resident_layers)):
+        gids = (RESIDENT, *sorted(self.resident_layers))
+        for gid in gids:
             with self.profiler.section("read"):
                 raw = self.reader.read(self.weight_map.groups[gid].keys)
             with self.profiler.section("convert"):
                 tensors, _ = self.weight_map.materialize(gid, raw)
                 self.weight_map.assign(gid, tensors, raw)
-                self.weight_map.own(gid, self.reader)
+        with self.profiler.section("convert"):
+            self.weight_map.own(gids, self.reader)
 
     # ---- the per-token path ------------------------------------------------------------------
     def _before(self, i: int, module: torch.nn.Module, args: Any) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +31,7 @@ from transformers.utils import logging as hf_logging
 
 from rabbit_engine.dtypes import SAFETENSORS_DTYPES
 from rabbit_engine.errors import WeightMismatchError
-from rabbit_engine.readahead import MappedSpan, unmap
+from rabbit_engine.readahead import mapped_spans, unmap
 from rabbit_engine.staging import CudaStager
 from rabbit_store import CheckpointIndex, LayerReader, TensorInfo
 
@@ -255,8 +255,8 @@ class WeightMap:
             else:
                 module._parameters[attr] = meta
 
-    def own(self, gid: int, reader: LayerReader) -> None:
-        """Copy a group's CPU weights out of the reader's mapped files into memory we own.
+    def own(self, gids: Iterable[int], reader: LayerReader) -> None:
+        """Copy these groups' CPU weights out of the reader's mapped files into memory we own.
 
         For groups kept for the model's life (the resident parts, resident layers). A view over a
         mapped file is only as resident as the page cache lets it be: once the streamed layers
@@ -267,13 +267,14 @@ class WeightMap:
         budget counted anyway. Tied parameters stay tied (one copy per source tensor, and every
         holder re-pointed to it), and the copied file pages are unmapped.
         """
-        group = self.groups[gid]
-        files = {self.index.tensors[key].file for key in group.keys}
+        groups = [self.groups[gid] for gid in gids]
+        files = {self.index.tensors[key].file for group in groups for key in group.keys}
         if not any(reader.is_local(file) for file in files):
             return  # remote reads already own their memory (CUDA tensors are skipped below)
         copies: dict[int, torch.nn.Parameter | torch.Tensor] = {}
         originals = []  # alive until every holder is swapped, so their ids stay unique
-        for module, attr, _ in group.targets.values():
+        targets = (target for group in groups for target in group.targets.values())
+        for module, attr, _ in targets:
             old = getattr(module, attr)
             if old.is_meta or old.device.type != "cpu" or id(old) in copies:
                 continue
@@ -284,7 +285,8 @@ class WeightMap:
                 if isinstance(old, torch.nn.Parameter)
                 else data
             )
-        # Every holder of a copied tensor (a tied head is not among the group's targets)
+        # Every holder of a copied tensor (a tied head is not among the group's targets), in one
+        # walk over the model for all the groups
         for module in self.model.modules():
             for table in (module._parameters, module._buffers):
                 for name, value in table.items():
@@ -293,13 +295,8 @@ class WeightMap:
         del originals
         # The file pages just copied no longer need to be mapped (nor counted in our RSS). Tensor
         # by tensor, not the group's span: streamed layers' bytes may lie between resident ones.
-        spans = []
-        for key in group.keys:
-            info = self.index.tensors[key]
-            path, mapping = reader.local_path(info.file), reader.mapping(info.file)
-            if path is not None:
-                spans.append(MappedSpan(path, info.offset, info.offset + info.nbytes, mapping))
-        unmap(spans)
+        tensors = (self.index.tensors[key] for group in groups for key in group.keys)
+        unmap(mapped_spans(reader, ((t.file, t.offset, t.offset + t.nbytes) for t in tensors)))
 
     # ---- transformers' conversion path -------------------------------------------------------
     def _convert_with_transformers(self, group: Group, raw: Mapping[str, memoryview]) -> None:

@@ -240,7 +240,7 @@ def refuse_unsupported(model_type: str | None) -> None:
 
     Takes the raw model_type so that a caller can refuse before transformers parses the config
     (a refused family's config may not even parse on this version)."""
-    row = SUPPORT.get(model_type) if model_type else None
+    row = support_for(model_type) if model_type else None
     if row is not None and not row.supported:
         raise UnsupportedModelError(
             f"model_type={model_type!r} is not supported by RabbitLLM: {row.reason}."
@@ -251,7 +251,7 @@ def check_supported(config: PretrainedConfig) -> ModelSupport | None:
     """Refuse a refused type (UnsupportedModelError), say the cost of a multi-read one, warn of
     an unknown one; called by `adapter_for` before any weight is read."""
     model_type = config.model_type
-    row = SUPPORT.get(model_type)
+    row = support_for(model_type)
     if row is None:
         logger.warning(
             "model_type=%r is not in RabbitLLM's support table (verified against transformers "

@@ -178,7 +178,7 @@ def check_flash_attention() -> list[Finding]:
 def check_memory(proc_self: str | os.PathLike[str] = "/proc/self") -> list[Finding]:
     """The host's RAM and the memory cgroup's limit, and which one `max_memory="auto"` plans by
     (the smaller: psutil's host figure means nothing inside a capped container)."""
-    from rabbit_engine.budget import ram_facts
+    from rabbit_engine.cgroup import ram_facts
 
     ram = ram_facts(proc_self)
     host = f"host {_gib(ram.host_available)} available of {_gib(ram.host_total)}"

@@ -43,8 +43,9 @@ class FetchAhead(Prefetcher):
     def prepare(self, gid: int) -> None:
         if gid in self._jobs:
             return
-        # Local files: the kernel starts reading while the worker still converts earlier layers.
-        self.reader.advise(self.weight_map.groups[gid].keys)
+        if self.pool is None:  # local files (remote ones are read by the worker, not advised)
+            # The kernel starts reading while the worker still converts earlier layers.
+            self.reader.advise(self.weight_map.groups[gid].keys)
         self._jobs[gid] = self._executor.submit(self._fetch, gid)
 
     def acquire(self, gid: int) -> None:

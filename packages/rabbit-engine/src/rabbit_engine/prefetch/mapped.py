@@ -11,7 +11,7 @@ import resource
 
 from rabbit_engine.prefetch.base import Prefetcher
 from rabbit_engine.profiler import Profiler
-from rabbit_engine.readahead import MappedSpan, PageWarmer
+from rabbit_engine.readahead import MappedSpan, PageWarmer, mapped_spans
 from rabbit_engine.weights import WeightMap
 from rabbit_store import LayerReader
 
@@ -79,10 +79,8 @@ class MappedPages(Prefetcher):
         Computed once per layer: asked for twice per layer and pass while the model is cold."""
         spans = self._spans.get(gid)
         if spans is None:
-            spans = self._spans[gid] = [
-                MappedSpan(self.reader.local_path(file), start, end, self.reader.mapping(file))
-                for file, start, end in self.reader.spans(self.weight_map.groups[gid].keys)
-            ]
+            keys = self.weight_map.groups[gid].keys
+            spans = self._spans[gid] = mapped_spans(self.reader, self.reader.spans(keys))
         return spans
 
     def close(self) -> None:

@@ -38,7 +38,6 @@ def open_model(spec: ModelSpec, *, trust_remote_code: bool = False) -> Any:
     a usable config.json or a family RabbitLLM refuses fails here, in a second, before the
     tokenizer is looked for, with the library's own message (a RabbitError)."""
     from rabbit_engine import load_config
-    from rabbit_models import adapter_for
     from rabbit_models.support import refuse_unsupported
     from rabbit_store import open_source
 
@@ -48,8 +47,7 @@ def open_model(spec: ModelSpec, *, trust_remote_code: bool = False) -> Any:
         token=spec.token,
         storage_options=spec.storage_options,
     )
-    config = load_config(source, trust_remote_code=trust_remote_code, refuse=refuse_unsupported)
-    adapter_for(config)
+    load_config(source, trust_remote_code=trust_remote_code, refuse=refuse_unsupported)
     return source
 
 
