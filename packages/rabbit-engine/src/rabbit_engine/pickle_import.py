@@ -19,7 +19,13 @@ import torch
 from filelock import FileLock
 from safetensors.torch import save_file
 
-from rabbit_store.constants import PICKLE_INDEX_FILE, PICKLE_SUFFIXES
+from rabbit_store.constants import (
+    INDEX_FILE,
+    PICKLE_INDEX_FILE,
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIX,
+    TEMP_SUFFIX,
+)
 from rabbit_store.errors import InvalidCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -95,7 +101,7 @@ def convert_pickle_checkpoint(source, dest: Path) -> Path:
     with FileLock(str(dest) + ".lock"):
         if (dest / _MARKER).exists():
             return dest
-        work = Path(tempfile.mkdtemp(prefix=dest.name + ".", suffix=".incomplete", dir=dest.parent))
+        work = Path(tempfile.mkdtemp(prefix=dest.name + ".", suffix=TEMP_SUFFIX, dir=dest.parent))
         try:
             weight_map: dict[str, str] = {}
             for name in pickle_files(source):
@@ -104,14 +110,12 @@ def convert_pickle_checkpoint(source, dest: Path) -> Path:
                     path = str(work / ("download-" + os.path.basename(name)))
                     Path(path).write_bytes(source.read_bytes(name))
                 tensors, aliases = _unshare(_load(path, name), name)
-                out = Path(name).stem + ".safetensors"
+                out = Path(name).stem + SAFETENSORS_SUFFIX
                 save_file(tensors, str(work / out), metadata={"format": "pt", **aliases})
                 weight_map.update({key: out for key in tensors})
                 if path.startswith(str(work)):
                     os.remove(path)
-            (work / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {}, "weight_map": weight_map})
-            )
+            (work / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
             for name in _COPIED:
                 if source.exists(name):
                     (work / name).write_bytes(source.read_bytes(name))

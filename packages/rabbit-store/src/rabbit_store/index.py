@@ -31,7 +31,7 @@ from .errors import (
     ShardNotFoundError,
 )
 from .manifest import load_manifest
-from .safetensors_header import LENGTH_BYTES, TensorInfo, parse_header, parse_length
+from .safetensors_header import TensorInfo, parse_header
 from .sources import Source, relative_name
 
 logger = logging.getLogger(__name__)
@@ -122,16 +122,7 @@ class CheckpointIndex:
         manifest = load_manifest(source, MANIFEST_FILE)
         if manifest is not None:
             _raise_if_any(source, verify.size_problems(manifest, sizes))
-        prefixes = source.cat_ranges(
-            files, [0] * len(files), [min(LENGTH_BYTES, sizes[f]) for f in files]
-        )
-        lengths = {
-            f: parse_length(p, file=f"{source.location}/{f}", file_size=sizes[f])
-            for f, p in zip(files, prefixes, strict=True)
-        }
-        headers = source.cat_ranges(
-            files, [LENGTH_BYTES] * len(files), [LENGTH_BYTES + lengths[f] for f in files]
-        )
+        prefixes, headers = verify.read_heads(source, files, sizes)
 
         if manifest is not None:
             _raise_if_any(source, verify.header_problems(manifest, files, prefixes, headers))

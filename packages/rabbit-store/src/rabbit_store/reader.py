@@ -81,7 +81,6 @@ class LayerReader:
         self.source = source
         self.index = index
         self._maps: dict[str, mmap.mmap | None] = {}
-        self._paths: dict[str, str | None] = {}
         self._lock = threading.Lock()
 
     # -- what a file is --------------------------------------------------------------------------
@@ -92,7 +91,6 @@ class LayerReader:
         with self._lock:
             if file not in self._maps:
                 path = self.source.local_path(file)  # a hub source downloads the shard here
-                self._paths[file] = path
                 if path is None:
                     self._maps[file] = None
                 else:
@@ -111,8 +109,7 @@ class LayerReader:
 
     def local_path(self, file: str) -> str | None:
         """The local file behind `file`'s map (None when remote)."""
-        self._map(file)
-        return self._paths.get(file)
+        return self.source.local_path(file) if self._map(file) is not None else None
 
     def mapping(self, file: str) -> mmap.mmap | None:
         """The reader's own map of a local file (None when remote): read-ahead done on it also fills
@@ -230,7 +227,6 @@ class LayerReader:
                 except BufferError:
                     logger.debug("mmap still has exported views; closed when they are released")
         self._maps.clear()
-        self._paths.clear()
 
     def __enter__(self) -> LayerReader:
         return self

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .constants import HASH_CHUNK, INDEX_FILE, MANIFEST_FILE, PARTIAL_MANIFEST_FILE
-from .destination import Destination
 from .errors import HeaderError, ManifestNotFoundError, SplitCorruptedError
 from .manifest import FileEntry, Manifest, load_manifest
 from .safetensors_header import LENGTH_BYTES, parse_header, parse_length
@@ -44,13 +43,25 @@ def file_sha256(source: Source, name: str) -> str:
     return digest.hexdigest()
 
 
+def read_heads(
+    source: Source, files: list[str], sizes: dict[str, int]
+) -> tuple[list[bytes], list[bytes]]:
+    """The length prefixes and JSON headers of safetensors files, two batched range reads for all
+    of them (concurrent on remote stores); a malformed length is a HeaderError naming the file."""
+    prefixes = source.cat_ranges(
+        files, [0] * len(files), [min(LENGTH_BYTES, sizes[f]) for f in files]
+    )
+    ends = [
+        LENGTH_BYTES + parse_length(p, file=f"{source.location}/{f}", file_size=sizes[f])
+        for f, p in zip(files, prefixes, strict=True)
+    ]
+    headers = source.cat_ranges(files, [LENGTH_BYTES] * len(files), ends)
+    return prefixes, headers
+
+
 def read_head(source: Source, name: str, size: int) -> tuple[bytes, bytes]:
-    """The length prefix and JSON header of a safetensors file of `size` bytes; a malformed
-    length is a HeaderError naming the file."""
-    where = f"{source.location}/{name}"
-    (prefix,) = source.cat_ranges([name], [0], [min(size, LENGTH_BYTES)])
-    length = parse_length(prefix, file=where, file_size=size)
-    (header,) = source.cat_ranges([name], [LENGTH_BYTES], [LENGTH_BYTES + length])
+    """`read_heads` of one file: its length prefix and JSON header."""
+    (prefix,), (header,) = read_heads(source, [name], {name: size})
     return prefix, header
 
 
@@ -158,6 +169,8 @@ def verify_split(
     Raises ManifestNotFoundError when `dest` holds no rabbit-split.json; returns the problems
     otherwise (an empty `problems` means the split is intact).
     """
+    from .destination import Destination  # writing machinery: not needed to load a split
+
     source = Destination(dest, storage_options).source
     manifest = load_manifest(source, MANIFEST_FILE)
     if manifest is None:

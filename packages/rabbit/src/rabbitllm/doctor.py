@@ -236,9 +236,10 @@ def check_read_speed(
     if model is None:
         return [_read_temp_file(cache_dir, nbytes)]
     from rabbit_store import FsspecSource, open_source
+    from rabbit_store.constants import SAFETENSORS_SUFFIX
 
     source = open_source(model, token=token, storage_options=storage_options)
-    weights = [n for n in source.list_files() if n.endswith(".safetensors")]
+    weights = [n for n in source.list_files() if n.endswith(SAFETENSORS_SUFFIX)]
     if not weights:
         return [
             Finding("read speed", WARN, f"{source.location} holds no .safetensors file to read")

@@ -24,7 +24,7 @@ from ..errors import InvalidOptionError, RabbitError, ShardNotFoundError, SplitC
 from ..index import CheckpointIndex
 from ..manifest import FileEntry, Manifest
 from ..plan import LayerPlan
-from ..safetensors_header import TensorInfo
+from ..safetensors_header import LENGTH_BYTES, TensorInfo
 from ..sources import FsspecSource, Source, open_source, storage_errors
 from .bytecopy import ByteCopier
 from .layout import AUX_PATTERNS, file_header, layer_file_name, output_order
@@ -165,7 +165,9 @@ class Splitter:
                     size=len(header) + sum(i.nbytes for i in infos),
                     sha256="",
                     tensors=[i.name for i in infos],
-                    header_sha256=hashlib.sha256(header).hexdigest(),
+                    header_sha256=verify.header_digest(
+                        header[:LENGTH_BYTES], header[LENGTH_BYTES:]
+                    ),
                 )
                 reused = reusable(self.dest, self._carried.pop(name, None), entry)
                 if reused is not None:
