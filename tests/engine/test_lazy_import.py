@@ -18,9 +18,27 @@ def _imported(code: str) -> set[str]:
     return set(out.stdout.split())
 
 
-def test_cgroup_imports_without_torch():
-    modules = _imported("import rabbit_engine.cgroup")
-    assert "rabbit_engine.cgroup" in modules
+@pytest.mark.parametrize(
+    ("code", "module"),
+    [
+        ("import rabbit_engine.cgroup", "rabbit_engine.cgroup"),
+        # the CLI builds its flags from the options before deciding to load a model
+        (
+            "import rabbit_engine.options as o; assert o.DEFAULT_PREFETCH >= 0 "
+            "and 'sdpa' in o.ATTN_CHOICES",
+            "rabbit_engine.options",
+        ),
+        # a bad compression= or a manifest's scheme is handled before torch is imported
+        (
+            "from rabbit_engine.quant import parse_compression; parse_compression('4bit')",
+            "rabbit_engine.quant.scheme",
+        ),
+    ],
+    ids=["cgroup", "options", "quant-scheme"],
+)
+def test_torch_free_modules_import_without_torch(code, module):
+    modules = _imported(code)
+    assert module in modules
     assert "torch" not in modules and "transformers" not in modules
 
 

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -134,22 +131,10 @@ def test_cli_refuses_in_one_line_with_exit_2(tmp_path, tokenizer):
     """The refusal comes first, even when the model also lacks a tokenizer."""
     model_type = "whisper" if "whisper" in REFUSED else REFUSED[0]
     _refused_checkpoint(model_type, tmp_path / "ckpt", tokenizer=tokenizer)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RABBITLLM_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rabbitllm.cli",
-            "generate",
-            "hi",
-            "--model",
-            str(tmp_path / "ckpt"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
+    from tests.cli.conftest import base_env, run_rabbit
+
+    proc = run_rabbit(
+        ["generate", "hi", "--model", str(tmp_path / "ckpt")], base_env(tmp_path / "cache")
     )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr[-3000:]

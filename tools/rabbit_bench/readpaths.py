@@ -45,14 +45,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from rabbit_store import CheckpointIndex, LayerPlan, TensorInfo, open_source
+from rabbit_engine.readahead import MADV_POPULATE_READ
+from rabbit_store import TensorInfo
 
 from . import memcap
-from .checkpoint import checkpoint_files
+from .checkpoint import checkpoint_files, checkpoint_plan
 from .runner import REPO_ROOT
 
 FORWARD = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MADV_POPULATE_READ = 22
 PAGE = mmap.PAGESIZE
 
 
@@ -85,7 +85,7 @@ BUFFERED = ("pread", "direct")
 
 def decoder_matrices(ckpt: Path) -> list[list[TensorInfo]]:
     """Each decoder layer's 2-D tensors in checkpoint order (shard, then offset)."""
-    plan = LayerPlan.from_index(CheckpointIndex.load(open_source(str(ckpt))))
+    plan = checkpoint_plan(ckpt)
     tensors = plan.index.tensors
     return [[tensors[n] for n in layer if len(tensors[n].shape) == 2] for layer in plan.layers]
 
