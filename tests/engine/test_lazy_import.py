@@ -31,7 +31,7 @@ def _imported(code: str) -> set[str]:
         # a bad compression= or a manifest's scheme is handled before torch is imported
         (
             "from rabbit_engine.quant import parse_compression; parse_compression('4bit')",
-            "rabbit_engine.quant.scheme",
+            "rabbit_store.compression",
         ),
     ],
     ids=["cgroup", "options", "quant-scheme"],

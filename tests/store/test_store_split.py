@@ -316,7 +316,7 @@ def test_manifest_versions(sharded: Checkpoint, tmp_path: Path):
     dest = tmp_path / "dest"
     split_checkpoint(str(sharded.path), str(dest), progress=False)
     raw = json.loads((dest / MANIFEST_FILE).read_text())
-    assert raw["version"] == 2 and all(
+    assert raw["version"] == 3 and all(
         f["header_sha256"] for f in raw["files"] if f["part"] != "aux"
     )
     old = dict(
@@ -328,7 +328,7 @@ def test_manifest_versions(sharded: Checkpoint, tmp_path: Path):
     assert verify_split(str(dest)).ok
     index = CheckpointIndex.load(open_source(str(dest)))
     assert sorted(index.tensors) == sorted(sharded.tensors)
-    (dest / MANIFEST_FILE).write_text(json.dumps(dict(raw, version=3)))
+    (dest / MANIFEST_FILE).write_text(json.dumps(dict(raw, version=4)))
     with pytest.raises(SplitError, match="newer rabbit-store"):
         verify_split(str(dest))
 

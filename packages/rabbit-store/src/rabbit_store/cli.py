@@ -85,7 +85,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"  layer {layer['index']}: {layer['tensors']} tensors, {_human(layer['bytes'])} "
             f"({files})"
         )
+    if info.get("compression"):
+        _print_compression(info["compression"])
     return 0
+
+
+def _print_compression(summary: dict[str, Any]) -> None:
+    """The compression block of `inspect`: scheme, what was compressed, and what it saved."""
+    group = (
+        "per output channel" if summary["group_size"] is None else f"group {summary['group_size']}"
+    )
+    print(
+        f"  compression: {summary['scheme']} ({summary['bits']}-bit, {group}, scales "
+        f"{summary['scale_dtype']}), layout {summary['layout']}"
+    )
+    modes = ", ".join(f"{n} {mode}" for mode, n in summary["modes"].items())
+    print(f"  compressed tensors: {summary['compressed_tensors']} ({modes})")
+    original = summary["original_bytes"]
+    share = f"{100 * summary['bytes'] / original:.1f}%" if original else "n/a"
+    print(
+        f"  tensor bytes: {_human(summary['bytes'])} of {_human(original)} uncompressed ({share})"
+    )
+    for file in summary["layer_files"]:
+        print(f"    {file['name']}: {_human(file['bytes'])}")
 
 
 def cmd_split(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ from .errors import (
     InvalidCheckpointError,
     ShardNotFoundError,
 )
-from .manifest import load_manifest
+from .manifest import Manifest, load_manifest
 from .safetensors_header import TensorInfo, parse_header
 from .sources import Source, relative_name
 
@@ -92,6 +92,9 @@ class CheckpointIndex:
     #: sha256 over each shard's name, size and header: changes when any tensor moves or changes
     #: layout; cheap because it needs only what indexing reads anyway.
     fingerprint: str = ""
+    #: the split's rabbit-split.json when `source` is a split (it says, e.g., whether and how the
+    #: layers are compressed), else None
+    manifest: Manifest | None = None
 
     @classmethod
     def load(cls, source: Source, *, verify_checksums: bool = False) -> CheckpointIndex:
@@ -175,6 +178,7 @@ class CheckpointIndex:
             file_metadata=metadata,
             file_sizes=sizes,
             fingerprint=digest.hexdigest(),
+            manifest=manifest,
         )
 
     @property

@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from .compression import CompressionRecord
 from .constants import MANIFEST_FILE, PARTIAL_MANIFEST_FILE
 from .errors import SplitError
 
@@ -27,9 +28,11 @@ __all__ = [
 FORMAT = "rabbit-split"
 #: 2 added FileEntry.header_sha256. Version 1 manifests still load (their entries have no header
 #: digest, so only sizes are checked at load); a rabbit-store that only knows 1 refuses version 2
-#: with "newer rabbit-store?" rather than failing on an unknown field.
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: with "newer rabbit-store?" rather than failing on an unknown field. 3 added `compression`
+#: (compressed splits): a rabbit-store that only knows 2 refuses them by version instead of
+#: loading packed tensors as if they were the checkpoint's; 1 and 2 manifests load as plain splits.
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 #: Parts of a model that get their own safetensors file ("aux": config/tokenizer copies).
 PARTS = ("embeddings", "layer", "norm", "lm_head", "other", "aux")
@@ -67,6 +70,10 @@ class Manifest:
     #: the source's tensor layout, kept so that a resume after delete_original can plan without
     #: the deleted shards (see split.resume.load_source_index)
     source_index: dict[str, Any] = field(default_factory=dict)
+    #: None for a plain split; else CompressionRecord.to_dict() (the scheme, the packed layout and
+    #: every compressed tensor): validated whenever the manifest is read, so a split written with
+    #: an unknown scheme is refused by name before any layer is loaded
+    compression: dict[str, Any] | None = None
     format: str = FORMAT
     version: int = VERSION
 
@@ -86,12 +93,22 @@ class Manifest:
     def weight_map(self) -> dict[str, str]:
         return {t: f.name for f in self.files for t in f.tensors}
 
+    def compression_record(self) -> CompressionRecord | None:
+        """The compression this split was written with, or None for a plain split."""
+        if self.compression is None:
+            return None
+        return CompressionRecord.from_dict(self.compression, where=MANIFEST_FILE)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"
 
     @classmethod
-    def from_json(cls, text: str | bytes, *, where: str) -> Manifest:
-        """Parse a manifest; anything malformed is a SplitError naming `where`."""
+    def from_json(
+        cls, text: str | bytes, *, where: str, check_compression: bool = True
+    ) -> Manifest:
+        """Parse a manifest; anything malformed is a SplitError naming `where`, a `compression`
+        this version cannot read a CompressionSchemeError naming `where` and the field
+        (`check_compression=False` skips that check: verify reports it and still checks files)."""
         try:
             raw = json.loads(text)
             if raw.get("format") != FORMAT:
@@ -104,12 +121,17 @@ class Manifest:
             files = [FileEntry(**entry) for entry in raw.pop("files")]
             if raw["version"] == 1 and any(f.header_sha256 for f in files):
                 raise ValueError("version 1 manifests have no header_sha256")
+            if raw["version"] < 3 and raw.get("compression") is not None:
+                raise ValueError(f"version {raw['version']} manifests have no compression")
             raw["version"] = VERSION  # rewritten as the current version whenever it is saved again
-            return cls(files=files, **raw)
+            manifest = cls(files=files, **raw)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise SplitError(
                 f"{where} is not a valid rabbit-split manifest ({exc}); split the checkpoint again."
             ) from None
+        if check_compression and manifest.compression is not None:
+            CompressionRecord.from_dict(manifest.compression, where=where)
+        return manifest
 
 
 class _Files(Protocol):

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .compression import CompressionSchemeError
 from .constants import HASH_CHUNK, INDEX_FILE, MANIFEST_FILE, PARTIAL_MANIFEST_FILE
 from .errors import HeaderError, ManifestNotFoundError, SplitCorruptedError
 from .manifest import FileEntry, Manifest, load_manifest
@@ -167,12 +168,23 @@ def verify_split(
     """Check every file of a finished split against its manifest (size, header, sha256).
 
     Raises ManifestNotFoundError when `dest` holds no rabbit-split.json; returns the problems
-    otherwise (an empty `problems` means the split is intact).
+    otherwise (an empty `problems` means the split is intact). A `compression` record this
+    version cannot read is a problem of rabbit-split.json: the split cannot be loaded.
     """
     from .destination import Destination  # writing machinery: not needed to load a split
 
     source = Destination(dest, storage_options).source
-    manifest = load_manifest(source, MANIFEST_FILE)
+    bad_record: str | None = None
+    try:
+        manifest = load_manifest(source, MANIFEST_FILE)
+    except CompressionSchemeError as exc:
+        # reported like a damaged file (the split cannot be loaded), and the files still checked
+        bad_record = str(exc)
+        manifest = Manifest.from_json(
+            source.read_bytes(MANIFEST_FILE),
+            where=f"{source.location}/{MANIFEST_FILE}",
+            check_compression=False,
+        )
     if manifest is None:
         partial = (
             " (a split into it is unfinished: rerun it)"
@@ -184,6 +196,8 @@ def verify_split(
             "`rabbit-store split SRC DST` first."
         )
     result = VerifyResult(location=source.location, manifest=manifest)
+    if bad_record is not None:
+        result.problems[MANIFEST_FILE] = f"compression record: {bad_record}"
     for entry in manifest.files:
         problem = check_file(source, entry, check_hash=check_hashes)
         if problem:

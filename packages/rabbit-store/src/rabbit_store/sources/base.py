@@ -102,6 +102,12 @@ class Source(ABC):
         """A local file holding `name` (local dir, file://, hub cache), or None when remote."""
         return None
 
+    def version(self, name: str) -> str:
+        """What tells this file's content apart without reading it (modification time and inode,
+        an ETag, a commit), for caches derived from it; "" when the backend says nothing. Headers
+        alone do not: two checkpoints of one architecture have identical ones."""
+        return ""
+
     def delete(self, name: str) -> None:
         """Remove a file (split's delete_original). Backends that cannot delete raise."""
         raise InvalidOptionError(f"{self.location} does not support deleting {name}.")

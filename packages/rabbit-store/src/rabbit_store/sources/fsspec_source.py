@@ -22,6 +22,11 @@ from .retry import storage_errors, with_retries
 logger = logging.getLogger(__name__)
 
 
+#: fs.info() keys that change when a file's content does (local: mtime and inode; S3 and most
+#: object stores: ETag and modification time; others: whatever of these they report).
+_VERSION_KEYS = ("size", "mtime", "ino", "ETag", "etag", "LastModified", "last_modified", "md5")
+
+
 def default_remote_cache_dir() -> str:
     """Where `local_cache=True` keeps blocks of remote files (constants.remote_cache_dir)."""
     return str(remote_cache_dir())
@@ -74,6 +79,12 @@ class FsspecSource(Source):
 
     def local_path(self, name: str) -> str | None:
         return self._path(name) if self._local else None
+
+    def version(self, name: str) -> str:
+        path = self._path(name)
+        info = with_retries(f"{self.location}/{name}", lambda: self.fs.info(path))
+        stamps = [f"{key}={info[key]}" for key in _VERSION_KEYS if info.get(key) is not None]
+        return ";".join(stamps)
 
     def delete(self, name: str) -> None:
         with storage_errors(f"deleting {self.location}/{name}"):

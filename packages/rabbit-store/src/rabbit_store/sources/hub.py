@@ -122,6 +122,9 @@ class HubSource(Source):
     def exists(self, name: str) -> bool:
         return relative_name(name) in self._files
 
+    def version(self, name: str) -> str:
+        return self.commit  # a commit pins every file's content
+
     def size(self, name: str) -> int:
         try:
             return self._files[relative_name(name)]

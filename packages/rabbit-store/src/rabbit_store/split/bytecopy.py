@@ -125,6 +125,14 @@ class ByteCopier:
         done.set_result(digest.hexdigest())
         return done
 
+    def read(self, info: TensorInfo) -> memoryview | bytes:
+        """One source tensor's raw bytes (for a SplitTransform): a view of the source's map when
+        it is local (drop it before the file is released), else one ranged read."""
+        if self.source.local_path(info.file) is not None:
+            return memoryview(self._local(info.file)[1])[info.offset : info.end]
+        (data,) = self.source.cat_ranges([info.file], [info.offset], [info.end])
+        return data
+
     def release(self, file: str) -> None:
         """Close a source file's map (before the file is deleted, so the space is freed now)."""
         if file in self._fds:

@@ -7,19 +7,26 @@ spelling of it, versioned so a later format is refused by name instead of misrea
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rabbit_store.errors import InvalidCheckpointError, InvalidOptionError
+from .errors import InvalidCheckpointError, InvalidOptionError
+from .safetensors_header import DTYPE_BITS
 
 __all__ = [
     "COMPRESSION_CHOICES",
     "DEFAULT_GROUP_SIZE",
     "GROUP_SIZES",
+    "MODES",
     "SCALE_DTYPES",
     "SCHEME_VERSION",
+    "CompressedTensor",
+    "CompressionRecord",
     "CompressionScheme",
     "CompressionSchemeError",
+    "packed_names",
     "parse_compression",
 ]
 
@@ -174,3 +181,159 @@ def parse_compression(
     if bits == 4 and group_size is None:
         group_size = DEFAULT_GROUP_SIZE
     return CompressionScheme(bits=bits, group_size=group_size, scale_dtype=scale_dtype)
+
+
+# --- what a compressed split records ----------------------------------------------------------
+
+#: How the engine restores a compressed tensor when a layer is loaded:
+#: "linear": the weight of an nn.Linear, run by torch's packed kernels;
+#: "dequant": any other weight (fused MoE expert stacks, per-expert tensors transformers combines
+#: at load), dequantized to its original dtype in the prefetch thread when the layer is loaded.
+MODES: tuple[str, ...] = ("linear", "dequant")
+
+_RECORD_FIELDS = ("scheme", "layout", "tensors")
+_TENSOR_FIELDS = ("dtype", "shape", "mode")
+_PACKED_SUFFIXES = (".qweight", ".scales")
+
+
+def packed_names(key: str) -> tuple[str, str]:
+    """The two tensors a compressed checkpoint tensor `key` is stored as in a split: the codes and
+    the scales, named after the module (a trailing ".weight" dropped) so they sit beside it."""
+    stem = key.removesuffix(".weight")
+    return stem + _PACKED_SUFFIXES[0], stem + _PACKED_SUFFIXES[1]
+
+
+@dataclass(frozen=True)
+class CompressedTensor:
+    """What one compressed checkpoint tensor was before packing, and how the engine restores it.
+
+    `dtype` is the original's safetensors dtype (e.g. "BF16"): the dtype "dequant" restores and
+    the one an original-size estimate counts.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    mode: str
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the original (uncompressed) tensor."""
+        return math.prod(self.shape) * DTYPE_BITS[self.dtype] // 8
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape), "mode": self.mode}
+
+
+@dataclass(frozen=True)
+class CompressionRecord:
+    """A split's `compression` manifest field: the scheme, the packed layout the bytes are in
+    (e.g. "int8:nk", "int4pack_cpu:AVX512": a loader whose kernels want another layout repacks or
+    refuses by this name) and every compressed tensor, keyed by its ORIGINAL checkpoint key."""
+
+    scheme: CompressionScheme
+    layout: str
+    tensors: dict[str, CompressedTensor]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's spelling; `from_dict` reads back exactly this."""
+        return {
+            "scheme": self.scheme.to_dict(),
+            "layout": self.layout,
+            "tensors": {key: t.to_dict() for key, t in self.tensors.items()},
+        }
+
+    def packed(self) -> dict[str, str]:
+        """Every packed tensor name in the split -> the original key it belongs to."""
+        return {name: key for key in self.tensors for name in packed_names(key)}
+
+    @property
+    def original_nbytes(self) -> int:
+        """Bytes the compressed tensors took before compression."""
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str) -> CompressionRecord:
+        """Read a manifest's `compression`, refusing anything malformed or unknown.
+
+        Every refusal is a CompressionSchemeError whose message names `where` (the manifest) and
+        whose `field` names the field at fault, e.g. "scheme.version" or "tensors[<key>].mode":
+        a split written by a newer RabbitLLM is refused by name instead of misread.
+        """
+
+        def refuse(message: str, field: str) -> CompressionSchemeError:
+            return CompressionSchemeError(
+                f"{where}: compression field {field!r}: {message}; split the checkpoint again "
+                "with this RabbitLLM",
+                field=field,
+            )
+
+        if not isinstance(data, dict):
+            raise refuse(f"must be a JSON object, got {type(data).__name__}", "compression")
+        unknown = sorted(set(data) - set(_RECORD_FIELDS))
+        if unknown:
+            raise refuse(
+                f"unknown (this version knows {', '.join(_RECORD_FIELDS)}; written by a newer "
+                "RabbitLLM?)",
+                unknown[0],
+            )
+        for name in _RECORD_FIELDS:
+            if name not in data:
+                raise refuse("missing", name)
+        try:
+            scheme = CompressionScheme.from_dict(data["scheme"])
+        except CompressionSchemeError as exc:
+            field = "scheme" if exc.field == "compression" else f"scheme.{exc.field}"
+            raise refuse(str(exc), field) from None
+        layout = data["layout"]
+        if not isinstance(layout, str) or not layout:
+            raise refuse(f"must be a non-empty string, got {layout!r}", "layout")
+        raw_tensors = data["tensors"]
+        if not isinstance(raw_tensors, dict) or not raw_tensors:
+            raise refuse("must be a non-empty JSON object (key -> tensor)", "tensors")
+        tensors = {
+            key: _tensor_from_dict(value, f"tensors[{key}]", refuse)
+            for key, value in raw_tensors.items()
+        }
+        record = cls(scheme=scheme, layout=layout, tensors=tensors)
+        packed = record.packed()
+        if len(packed) != 2 * len(tensors):
+            seen: set[str] = set()
+            for key in tensors:
+                names = set(packed_names(key))
+                if names & seen:
+                    raise refuse(
+                        "its packed names collide with another tensor's", f"tensors[{key}]"
+                    )
+                seen |= names
+        clash = sorted(set(packed) & set(tensors))
+        if clash:
+            raise refuse("is both compressed and a packed name", f"tensors[{clash[0]}]")
+        return record
+
+
+def _tensor_from_dict(
+    value: Any, field: str, refuse: Callable[[str, str], CompressionSchemeError]
+) -> CompressedTensor:
+    """One entry of CompressionRecord.tensors; `refuse(message, field)` builds the error."""
+    if not isinstance(value, dict):
+        raise refuse(f"must be a JSON object, got {type(value).__name__}", field)
+    unknown = sorted(set(value) - set(_TENSOR_FIELDS))
+    if unknown:
+        raise refuse(
+            f"unknown (this version knows {', '.join(_TENSOR_FIELDS)})", field + "." + unknown[0]
+        )
+    for name in _TENSOR_FIELDS:
+        if name not in value:
+            raise refuse("missing", f"{field}.{name}")
+    dtype, shape, mode = value["dtype"], value["shape"], value["mode"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise refuse(f"unknown safetensors dtype {dtype!r}", f"{field}.dtype")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise refuse(f"must be a list of non-negative integers, got {shape!r}", f"{field}.shape")
+    if mode not in MODES:
+        raise refuse(
+            f"unknown mode {mode!r} (this version knows {', '.join(MODES)})", f"{field}.mode"
+        )
+    return CompressedTensor(dtype=dtype, shape=tuple(shape), mode=mode)
