@@ -78,4 +78,32 @@ def test_from_kwargs_takes_only_its_own_and_overrides_a_base():
     assert rest == {"token": "x"}
     assert set(StreamingOptions.names()) == {
         "device", "dtype", "attn_implementation", "max_memory", "prefetch", "profile", "bit_exact",
+        "compression", "group_size",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kwargs, option, words",
+    [
+        ({"compression": "3bit"}, "compression", "'8bit', 'int8', '4bit', 'int4'"),
+        ({"compression": 8}, "compression", "must be one of"),
+        ({"group_size": 64}, "group_size", "no compression was asked for"),
+        ({"compression": "8bit", "group_size": 64}, "group_size", "one scale per output channel"),
+        ({"compression": "4bit", "group_size": 48}, "group_size", "32, 64, 128, 256"),
+        ({"compression": "int4", "group_size": 64.0}, "group_size", "whole number"),
+    ],
+)
+def test_compression_options_are_refused_with_the_choices(kwargs, option, words):
+    with pytest.raises(InvalidOptionError, match=words) as info:
+        StreamingOptions.create(**kwargs)
+    assert info.value.option == option
+
+
+def test_compression_spellings_and_group_size():
+    assert StreamingOptions.create().compression is None
+    assert StreamingOptions.create(compression="INT8").compression.name == "8bit"
+    assert StreamingOptions.create(compression="4bit").compression.name == "4bit-g32"
+    four = StreamingOptions.create(compression="int4", group_size=128)
+    assert four.compression.name == "4bit-g128"
+    # a group size given over a base keeps the base's bits
+    assert StreamingOptions.from_kwargs({"group_size": 64}, base=four).compression.name == "4bit-g64"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from rabbit_engine.errors import InvalidOptionError
+from rabbit_store.compression import CompressionScheme, parse_compression
 
 if TYPE_CHECKING:  # torch is imported where a value is parsed: the CLI builds its flags without it
     import torch
@@ -161,6 +162,26 @@ def parse_attn_implementation(value: str | None) -> str:
     return value
 
 
+def parse_compression_option(
+    value: str | CompressionScheme | None, group_size: int | None
+) -> CompressionScheme | None:
+    """`compression` ("8bit"/"int8"/"4bit"/"int4", or a scheme) with its `group_size` (4-bit)."""
+    if value is None:
+        if group_size is not None:
+            raise InvalidOptionError(
+                f"group_size={group_size!r} applies to compression='4bit' only; "
+                "no compression was asked for.",
+                option="group_size",
+            )
+        return None
+    if isinstance(group_size, bool) or (group_size is not None and not isinstance(group_size, int)):
+        raise InvalidOptionError(
+            f"group_size={group_size!r} must be a whole number of input features.",
+            option="group_size",
+        )
+    return parse_compression(value, group_size=group_size)
+
+
 def _flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise InvalidOptionError(f"{name}={value!r} must be True or False.", option=name)
@@ -182,6 +203,9 @@ class StreamingOptions:
     prefetch: int = DEFAULT_PREFETCH
     profile: bool = False
     bit_exact: bool = False
+    #: Stream decoder layers compressed (8-bit or 4-bit weights). Its scale dtype is finalized at
+    #: load to the run dtype (rabbit_engine.quant.writer.scheme_for).
+    compression: CompressionScheme | None = None
 
     @classmethod
     def create(
@@ -194,6 +218,8 @@ class StreamingOptions:
         prefetch: int = DEFAULT_PREFETCH,
         profile: bool = False,
         bit_exact: bool = False,
+        compression: str | CompressionScheme | None = None,
+        group_size: int | None = None,
     ) -> StreamingOptions:
         """Parse the values a user writes; a bad one raises InvalidOptionError naming it."""
         return cls(
@@ -204,12 +230,13 @@ class StreamingOptions:
             prefetch=parse_prefetch(prefetch),
             profile=_flag("profile", profile),
             bit_exact=_flag("bit_exact", bit_exact),
+            compression=parse_compression_option(compression, group_size),
         )
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """The option names, as keywords of `from_pretrained` accept them."""
-        return tuple(f.name for f in dataclasses.fields(cls))
+        return (*(f.name for f in dataclasses.fields(cls)), "group_size")
 
     @classmethod
     def from_kwargs(
@@ -223,4 +250,6 @@ class StreamingOptions:
         if not given:
             return base  # already parsed
         merged = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls)}
+        if "group_size" in given and "compression" not in given and base.compression is not None:
+            merged["compression"] = f"{base.compression.bits}bit"  # re-parsed with the new size
         return cls.create(**{**merged, **given})

@@ -78,6 +78,7 @@ class LayerStreamer:
             with self.profiler.section("read"):
                 raw = self.reader.read(self.weight_map.groups[gid].keys)
             with self.profiler.section("convert"):
+                raw = self.weight_map.decode(raw)
                 tensors, _ = self.weight_map.materialize(gid, raw)
                 self.weight_map.assign(gid, tensors, raw)
         with self.profiler.section("convert"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +31,7 @@ from transformers.utils import logging as hf_logging
 
 from rabbit_engine.dtypes import SAFETENSORS_DTYPES
 from rabbit_engine.errors import WeightMismatchError
+from rabbit_engine.quant.mapping import CompressedLayers, Entry
 from rabbit_engine.readahead import mapped_spans, unmap
 from rabbit_engine.staging import CudaStager
 from rabbit_store import CheckpointIndex, LayerReader, TensorInfo
@@ -89,6 +90,27 @@ def _locate(model: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
     return (model.get_submodule(module_path) if module_path else model), attr
 
 
+def key_renamer(
+    model: PreTrainedModel, mapping: list | None = None
+) -> Callable[[str], tuple[str, str | None]]:
+    """checkpoint key -> (the model's name for it, the converter pattern that combines it or
+    None), by transformers' own renaming for this model (`mapping`: its conversion mapping)."""
+    mapping = get_model_conversion_mapping(model) if mapping is None else mapping
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    names = model.state_dict(keep_vars=True)
+
+    def rename(key: str) -> tuple[str, str | None]:
+        target, pattern = rename_source_key(
+            key, renamings, converters, model.base_model_prefix, names
+        )
+        if target not in names and key in names:
+            return key, None
+        return target, pattern
+
+    return rename
+
+
 class WeightMap:
     """Built once per model: which checkpoint keys fill which module tensors, grouped by layer."""
 
@@ -108,7 +130,6 @@ class WeightMap:
         self.align = align
         self.groups: dict[int, Group] = {gid: Group(gid) for gid in [RESIDENT, *range(num_layers)]}
         self._mapping = get_model_conversion_mapping(model)
-        renamings = [t for t in self._mapping if isinstance(t, WeightRenaming)]
         converters = [t for t in self._mapping if isinstance(t, WeightConverter)]
         by_pattern = {p: c for c in converters for p in c.source_patterns}
         meta_sd = model.state_dict(keep_vars=True)
@@ -116,12 +137,28 @@ class WeightMap:
         self.unexpected: list[str] = []
         covered: set[str] = set()
 
-        for key, info in index.tensors.items():
-            target, pattern = rename_source_key(
-                key, renamings, converters, model.base_model_prefix, meta_sd
+        rename = key_renamer(model, self._mapping)
+        self.compressed: CompressedLayers | None = None
+        record = index.manifest.compression_record() if index.manifest is not None else None
+        if record is not None:
+            # Compressed linears are swapped in before the model's tensors are listed.
+            self.compressed = CompressedLayers.attach(
+                model,
+                index,
+                record,
+                rename,
+                owner=lambda target: _owner(target, layers_prefix),
+                device=device,
             )
-            if target not in meta_sd and key in meta_sd:
-                target, pattern = key, None
+            meta_sd = model.state_dict(keep_vars=True)
+            entries = self.compressed.entries(index)
+        else:
+            entries = (Entry(k, info, (k,)) for k, info in index.tensors.items())
+        self._infos: dict[str, TensorInfo] = {}  # every key a group maps, as the model sees it
+
+        for entry in entries:
+            key, info = entry.key, entry.info
+            target, pattern = (entry.target, None) if entry.target else rename(key)
             if target not in meta_sd:
                 self.unexpected.append(key)
                 continue
@@ -131,7 +168,8 @@ class WeightMap:
                     f"{info.file}: tensor {key!r} belongs to layer {group.gid}, "
                     f"but the config has {num_layers} layers."
                 )
-            group.keys.append(key)
+            group.keys.extend(entry.reads)
+            self._infos[key] = info
             if pattern is not None:
                 group.converted.append(key)
                 conv = by_pattern[pattern]
@@ -201,6 +239,12 @@ class WeightMap:
         return total
 
     # ---- the hot path ------------------------------------------------------------------------
+    def decode(self, raw: Mapping[str, memoryview]) -> Mapping[str, memoryview]:
+        """The bytes read, with compressed tensors that do not run packed dequantized (and foreign
+        int4 layouts repacked): real work, so prefetch strategies call it in their worker thread.
+        Identity for an uncompressed checkpoint."""
+        return raw if self.compressed is None else self.compressed.decode(raw)
+
     def materialize(
         self, gid: int, raw: Mapping[str, memoryview], stager: CudaStager | None = None
     ) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
@@ -302,7 +346,7 @@ class WeightMap:
     def _convert_with_transformers(self, group: Group, raw: Mapping[str, memoryview]) -> None:
         state_dict = {}
         for key in group.converted:
-            info: TensorInfo = self.index.tensors[key]
+            info: TensorInfo = self._infos[key]
             buf = raw[key]
             dtype = SAFETENSORS_DTYPES[info.dtype]
             tensor = (

@@ -11,13 +11,14 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from rabbit_engine import load_config, load_streaming_model
-from rabbit_engine.errors import InvalidOptionError, PickleRefusedError
+from rabbit_engine.errors import InvalidOptionError, PickleRefusedError, WeightMismatchError
 from rabbit_engine.options import StreamingOptions
 from rabbit_engine.pickle_import import convert_pickle_checkpoint, pickle_files
+from rabbit_engine.quant.cache import compressed_source
 from rabbit_models import adapter_for
 from rabbit_models.support import refuse_unsupported
 from rabbit_store import CheckpointIndex, open_source
-from rabbit_store.constants import cache_root
+from rabbit_store.constants import MANIFEST_FILE, cache_root
 from rabbit_store.errors import CheckpointNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,15 @@ class AutoModel:
 
         How the model streams is `StreamingOptions` (rabbit_engine.options): pass its fields as
         keywords like transformers' own (`device=`, `dtype=`, `attn_implementation=`,
-        `max_memory=`, `prefetch=`, `profile=`, `bit_exact=`), or a built `options=` object (the
-        CLI and the bench do); keywords given beside `options` override its fields.
+        `max_memory=`, `prefetch=`, `profile=`, `bit_exact=`, `compression=`, `group_size=`), or a
+        built `options=` object (the CLI and the bench do); keywords given beside `options`
+        override its fields.
+
+        `compression="8bit"|"4bit"` (also "int8"/"int4") streams the decoder layers' linear
+        weights packed (int8 per output channel; int4 in groups of `group_size` input features):
+        the first load compresses the checkpoint once into the cache ($RABBITLLM_CACHE), later
+        loads stream from there. A split written by `rabbit split --compression` (`layers_path=`)
+        streams compressed without the option.
         `torch_dtype` is accepted as an alias of `dtype`, like transformers does.
 
         `layers_path` points at a split directory (`rabbit split`); weights are then read from
@@ -94,8 +102,32 @@ class AutoModel:
         weights_src, index = _index(
             weights_src, allow_pickle=allow_pickle, revision=revision, verify=verify
         )
+        if layers_path is not None:
+            _check_split_of(src, index)
+        weights_src, index = compressed_source(
+            weights_src, index, options.compression, dtype=options.dtype, config=config
+        )
         return load_streaming_model(
             weights_src, config=config, adapter=adapter, index=index, options=options
+        )
+
+
+def _check_split_of(source, index: CheckpointIndex) -> None:
+    """A compressed split (`layers_path`) must be of the checkpoint at `source`, when `source` has
+    weights to compare with: the same architecture with other weights would load without a
+    shape error and give wrong numbers."""
+    manifest = index.manifest
+    if manifest is None or manifest.compression is None:
+        return
+    try:
+        own = CheckpointIndex.load(source)
+    except CheckpointNotFoundError:
+        return  # a config-only source: nothing to compare
+    if own.fingerprint != manifest.source_fingerprint:
+        raise WeightMismatchError(
+            f"{index.source.location}/{MANIFEST_FILE}: this compressed split was written from "
+            f"{manifest.source}, not from the checkpoint at {source.location} (their fingerprints "
+            "differ); compress this checkpoint (rabbit split --compression) or pass its own split."
         )
 
 

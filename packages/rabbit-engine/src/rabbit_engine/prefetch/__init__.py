@@ -3,6 +3,8 @@
 - `MappedPages`: local files in the run dtype on the CPU (free views; page warming and cooling).
 - `FetchAhead`: remote files (pooled buffers) or layers that need a cast, converted ahead.
 - `CudaStaging`: layers copied to the GPU through the stager, ahead.
+- `QuantizedFetch`: compressed layers (8-bit/4-bit), built (and dequantized where no packed kernel
+  runs them) ahead, with local pages paced as `MappedPages` does.
 
 `choose_prefetcher` picks one once, at load, from what the reader says about the files.
 """
@@ -13,12 +15,20 @@ from rabbit_engine.pool import BufferPool
 from rabbit_engine.prefetch.base import Prefetcher
 from rabbit_engine.prefetch.fetch import CudaStaging, FetchAhead
 from rabbit_engine.prefetch.mapped import MappedPages
+from rabbit_engine.prefetch.quantized import QuantizedFetch
 from rabbit_engine.profiler import Profiler
 from rabbit_engine.staging import CudaStager
 from rabbit_engine.weights import RESIDENT, WeightMap
 from rabbit_store import LayerReader
 
-__all__ = ["CudaStaging", "FetchAhead", "MappedPages", "Prefetcher", "choose_prefetcher"]
+__all__ = [
+    "CudaStaging",
+    "FetchAhead",
+    "MappedPages",
+    "Prefetcher",
+    "QuantizedFetch",
+    "choose_prefetcher",
+]
 
 
 def choose_prefetcher(
@@ -44,6 +54,8 @@ def choose_prefetcher(
         pool = BufferPool(largest, count=prefetch + 2)
     if stager is not None:
         return CudaStaging(weight_map, reader, profiler, stager=stager, pool=pool)
+    if weight_map.compressed is not None:
+        return QuantizedFetch(weight_map, reader, profiler, pool=pool)
     if pool is not None or _casts(weight_map):
         return FetchAhead(weight_map, reader, profiler, pool=pool)
     return MappedPages(weight_map, reader, profiler)

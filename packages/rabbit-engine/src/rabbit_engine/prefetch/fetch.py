@@ -71,6 +71,8 @@ class FetchAhead(Prefetcher):
                 raw = self.reader.read(keys, out=buffer)
             else:
                 raw = self.reader.read(keys)
+        with self.profiler.section("convert"):
+            raw = self.weight_map.decode(raw)  # compressed tensors without a packed kernel
         return self._materialize(gid, raw)
 
     def _materialize(self, gid: int, raw: dict[str, memoryview]) -> Fetched:

@@ -2,8 +2,9 @@
 
 Weights are packed once, at split time, into the layouts torch's CPU kernels take
 (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`); `quantized_linear` then runs on
-them directly. Lazy like `rabbit_engine`: `scheme` is torch-free (a manifest or a bad
-`compression=` is handled before torch is imported); the other modules import torch on first use.
+them directly. Lazy like `rabbit_engine`: the scheme lives in the torch-free
+`rabbit_store.compression` (a manifest or a bad `compression=` is handled before torch is
+imported); the other modules import torch on first use.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from rabbit_engine.quant.dequant import dequantize, int4_codes
     from rabbit_engine.quant.int4_layout import current_int4_layout, unpack_int4_codes
     from rabbit_engine.quant.packing import INT8_LAYOUT, PackedWeight, quantize
-    from rabbit_engine.quant.scheme import (
+    from rabbit_store.compression import (
         COMPRESSION_CHOICES,
         DEFAULT_GROUP_SIZE,
         GROUP_SIZES,
@@ -27,22 +28,22 @@ if TYPE_CHECKING:
     )
 
 _EXPORTS = {
-    "COMPRESSION_CHOICES": "scheme",
-    "DEFAULT_GROUP_SIZE": "scheme",
-    "GROUP_SIZES": "scheme",
-    "CompressionScheme": "scheme",
-    "CompressionSchemeError": "scheme",
-    "parse_compression": "scheme",
-    "INT8_LAYOUT": "packing",
-    "PackedWeight": "packing",
-    "quantize": "packing",
-    "current_int4_layout": "int4_layout",
-    "unpack_int4_codes": "int4_layout",
-    "dequantize": "dequant",
-    "int4_codes": "dequant",
-    "kernel_fits": "compute",
-    "quantized_linear": "compute",
-    "repack_int4": "compute",
+    "COMPRESSION_CHOICES": "rabbit_store.compression",
+    "DEFAULT_GROUP_SIZE": "rabbit_store.compression",
+    "GROUP_SIZES": "rabbit_store.compression",
+    "CompressionScheme": "rabbit_store.compression",
+    "CompressionSchemeError": "rabbit_store.compression",
+    "parse_compression": "rabbit_store.compression",
+    "INT8_LAYOUT": f"{__name__}.packing",
+    "PackedWeight": f"{__name__}.packing",
+    "quantize": f"{__name__}.packing",
+    "current_int4_layout": f"{__name__}.int4_layout",
+    "unpack_int4_codes": f"{__name__}.int4_layout",
+    "dequantize": f"{__name__}.dequant",
+    "int4_codes": f"{__name__}.dequant",
+    "kernel_fits": f"{__name__}.compute",
+    "quantized_linear": f"{__name__}.compute",
+    "repack_int4": f"{__name__}.compute",
 }
 
 __all__ = [
@@ -65,6 +66,4 @@ __all__ = [
 ]
 
 
-__getattr__, __dir__ = lazy_exports(
-    __name__, {name: f"{__name__}.{module}" for name, module in _EXPORTS.items()}
-)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

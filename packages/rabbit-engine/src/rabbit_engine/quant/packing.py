@@ -30,9 +30,9 @@ import torch
 
 from rabbit_engine.errors import InvalidOptionError, WeightMismatchError
 from rabbit_engine.quant.int4_layout import pack_int4_codes
-from rabbit_engine.quant.scheme import CompressionScheme
+from rabbit_store.compression import CompressionScheme
 
-__all__ = ["INT8_LAYOUT", "PackedWeight", "quantize"]
+__all__ = ["INT8_LAYOUT", "PackedWeight", "fits_kernel_shape", "packed_specs", "quantize"]
 
 INT8_LAYOUT = "int8:nk"
 
@@ -97,7 +97,7 @@ class PackedWeight:
         name: str = "weight",
     ) -> PackedWeight:
         """Rebuild from stored tensors, checking their shapes and dtypes against the scheme."""
-        expected = _expected_specs(scheme, tuple(shape))
+        expected = packed_specs(scheme, tuple(shape))
         for key, (want_shape, want_dtype) in expected.items():
             tensor = tensors.get(key)
             if tensor is None:
@@ -111,9 +111,10 @@ class PackedWeight:
         return cls(scheme, tuple(shape), tensors["qweight"], tensors["scales"], layout)
 
 
-def _expected_specs(
+def packed_specs(
     scheme: CompressionScheme, shape: tuple[int, ...]
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The shape and dtype of each stored tensor of a weight of float `shape` (2-D or 3-D)."""
     lead, (n, k) = shape[:-2], shape[-2:]
     sdtype = _SCALE_DTYPES[scheme.scale_dtype]
     if scheme.bits == 8:
@@ -123,6 +124,15 @@ def _expected_specs(
         "qweight": ((*lead, n, k // 2), torch.uint8),
         "scales": ((*lead, k // g, n, 2), sdtype),
     }
+
+
+def fits_kernel_shape(scheme: CompressionScheme, shape: tuple[int, ...]) -> bool:
+    """Whether a weight of this float shape can be packed by `scheme` (`quantize` would accept it):
+    4-bit needs in_features a multiple of the group size and out_features of 16."""
+    if scheme.bits == 8:
+        return True
+    n, k = shape[-2:]
+    return k % scheme.group_size == 0 and n % _INT4_ROW_MULTIPLE == 0
 
 
 def quantize(

@@ -58,6 +58,7 @@ def add_source_options(parser: argparse.ArgumentParser, *, model_flag: bool = Tr
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """The flags of `StreamingOptions` (rabbit_engine.options), plus --layers."""
     from rabbit_engine.options import ATTN_CHOICES, DEFAULT_PREFETCH
+    from rabbit_store.compression import COMPRESSION_CHOICES, DEFAULT_GROUP_SIZE, GROUP_SIZES
 
     parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available, else cpu)"
@@ -93,9 +94,25 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
         "(one copy per streamed layer)",
     )
     parser.add_argument(
+        "--compression",
+        default=None,
+        choices=sorted(COMPRESSION_CHOICES),
+        help="stream the decoder layers' linear weights compressed: 8bit (int8 per channel) or "
+        "4bit (int4 in groups); the first run compresses the model once into the cache",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"input features per 4-bit scale and zero point: one of "
+        f"{', '.join(map(str, GROUP_SIZES))} (default: {DEFAULT_GROUP_SIZE})",
+    )
+    parser.add_argument(
         "--layers",
         metavar="DIR",
-        help="read the weights from this split directory (made by `rabbit split`)",
+        help="read the weights from this split directory (made by `rabbit split`, compressed "
+        "or not)",
     )
     parser.add_argument(
         "--profile",
