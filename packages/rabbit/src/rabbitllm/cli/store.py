@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from rabbitllm.cli.errors import UsageError
+
 STORE_COMMANDS = ("inspect", "split", "verify")
 
 
@@ -30,6 +32,85 @@ def add_parsers(
             except argparse.ArgumentError:
                 pass  # the store defines this flag itself (split's --quiet): keep its meaning
         parser.set_defaults(func=_store_runner(parser.get_default("func")))
+    split = subparsers.choices.get("split")
+    if split is not None:
+        _add_compression(split)
+
+
+def _add_compression(parser: argparse.ArgumentParser) -> None:
+    """`rabbit split --compression 8bit|4bit`: the store's split, with the engine packing each
+    decoder layer's linear weights as it writes them (rabbit-store alone has no torch)."""
+    from rabbit_store.compression import COMPRESSION_CHOICES, DEFAULT_GROUP_SIZE, GROUP_SIZES
+
+    parser.add_argument(
+        "--compression",
+        choices=sorted(COMPRESSION_CHOICES),
+        default=None,
+        help="write the decoder layers' linear weights compressed (8bit: int8 per channel; 4bit: "
+        "int4 in groups), in the layout torch's CPU kernels take",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"4bit: input features per scale and zero point, one of "
+        f"{', '.join(map(str, GROUP_SIZES))} (default: {DEFAULT_GROUP_SIZE})",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="dtype of the scales, the run dtype to be used (default: the checkpoint's)",
+    )
+    plain = parser.get_default("func")
+
+    def run(args: argparse.Namespace, console: Any) -> int:
+        if args.compression is None:
+            if args.group_size is not None or args.dtype is not None:
+                raise UsageError("--group-size and --dtype apply to --compression only.")
+            return plain(args, console)
+        return _compressed_split(args, console)
+
+    parser.set_defaults(func=run)
+
+
+def _compressed_split(args: argparse.Namespace, console: Any) -> int:
+    from rabbit_engine.errors import InvalidOptionError
+    from rabbit_engine.options import parse_compression_option, parse_dtype
+    from rabbit_engine.quant import compress_checkpoint
+    from rabbit_store.cli import parse_storage_options
+
+    if args.token:
+        console.add_secrets([args.token])
+    if args.delete_original:
+        raise UsageError("--delete-original does not apply to --compression (the original stays).")
+    try:
+        scheme = parse_compression_option(args.compression, args.group_size)
+        dtype = parse_dtype(args.dtype)
+    except InvalidOptionError as exc:
+        flag = "--" + (exc.option or "compression").replace("_", "-")
+        raise UsageError(f"{flag}: {exc}") from exc
+    storage_options = parse_storage_options(args.storage_option)
+    manifest = compress_checkpoint(
+        args.source,
+        args.dest,
+        scheme,
+        dtype=dtype,
+        progress=not args.quiet,
+        token=args.token,
+        revision=args.revision,
+        storage_options=storage_options,
+        dest_storage_options=parse_storage_options(args.dest_storage_option),
+        layer_prefix=args.layer_prefix,
+    )
+    if not args.quiet:
+        record = manifest.compression_record()
+        console.note(
+            f"split {manifest.source} into {args.dest} compressed {record.scheme.name}: "
+            f"{len(record.tensors)} weights packed, {manifest.num_layers} layers, "
+            f"{len(manifest.files)} files, {manifest.total_size / 2**20:.1f} MiB"
+        )
+    return 0
 
 
 def _store_runner(func: Any) -> Any:
