@@ -402,3 +402,31 @@ def test_repack_moves_a_foreign_int4_layout_to_this_cpu():
     assert repacked.layout == current_int4_layout()
     assert torch.equal(repacked.qweight, packed.qweight)
     assert torch.equal(quantized_linear(x, repacked), quantized_linear(x, packed))
+
+
+def test_compressed_split_puts_every_packed_tensor_on_a_64_byte_boundary(tmp_path):
+    """torch's int8 kernel crashed (general protection fault) on a weight at 8 mod 64 in a split
+    written without alignment: the writer starts the data on a 64-byte boundary and orders the
+    tensors so that the packed ones stay there."""
+    import json
+    import struct
+
+    from rabbit_engine.quant import compress_checkpoint
+    from tests.models.families import build_model, save_checkpoint
+
+    source = save_checkpoint(
+        build_model("llama", dtype=torch.bfloat16), tmp_path / "src", sharded=False
+    )
+    for compression in ("8bit", "4bit"):
+        dest = tmp_path / compression
+        compress_checkpoint(source, dest, compression, progress=False)
+        packed = 0
+        for file in sorted(dest.glob("layer-*.safetensors")):
+            with open(file, "rb") as handle:
+                length = struct.unpack("<Q", handle.read(8))[0]
+                header = json.loads(handle.read(length))
+            for name, entry in header.items():
+                if name.endswith((".qweight", ".scales")):
+                    packed += 1
+                    assert (8 + length + entry["data_offsets"][0]) % 64 == 0, (file.name, name)
+        assert packed == 2 * 7 * 2  # 7 linears per layer, 2 layers

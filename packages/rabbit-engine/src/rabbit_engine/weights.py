@@ -31,15 +31,18 @@ from transformers.utils import logging as hf_logging
 
 from rabbit_engine.dtypes import SAFETENSORS_DTYPES
 from rabbit_engine.errors import WeightMismatchError
+from rabbit_engine.prequantized import quantizer_of
 from rabbit_engine.quant.mapping import CompressedLayers, Entry
 from rabbit_engine.readahead import mapped_spans, unmap
 from rabbit_engine.staging import CudaStager
 from rabbit_store import CheckpointIndex, LayerReader, TensorInfo
+from rabbit_store.constants import TENSOR_ALIGNMENT
 
 logger = logging.getLogger(__name__)
 
 RESIDENT = -1  # group id of everything outside the decoder-layer list (embeddings, norm, head...)
-ALIGNMENT = 64  # bytes; what torch's CPU allocator guarantees, and what oneDNN's fast paths assume
+# what torch's CPU allocator guarantees; oneDNN's fast paths and the packed kernels assume it
+ALIGNMENT = TENSOR_ALIGNMENT
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Slot:
     src_dtype: torch.dtype
     shape: tuple[int, ...]
     dtype: torch.dtype  # the dtype transformers gave this tensor in the skeleton
+    packed: bool = False  # a compressed linear's qweight/scales: the kernels need it aligned
 
 
 @dataclass
@@ -95,7 +99,8 @@ def key_renamer(
 ) -> Callable[[str], tuple[str, str | None]]:
     """checkpoint key -> (the model's name for it, the converter pattern that combines it or
     None), by transformers' own renaming for this model (`mapping`: its conversion mapping)."""
-    mapping = get_model_conversion_mapping(model) if mapping is None else mapping
+    if mapping is None:  # a pre-quantized checkpoint's quantizer adds its (de)serializing ops
+        mapping = get_model_conversion_mapping(model, hf_quantizer=quantizer_of(model))
     renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
     converters = [t for t in mapping if isinstance(t, WeightConverter)]
     names = model.state_dict(keep_vars=True)
@@ -129,7 +134,7 @@ class WeightMap:
         self.device = device
         self.align = align
         self.groups: dict[int, Group] = {gid: Group(gid) for gid in [RESIDENT, *range(num_layers)]}
-        self._mapping = get_model_conversion_mapping(model)
+        self._mapping = get_model_conversion_mapping(model, hf_quantizer=quantizer_of(model))
         converters = [t for t in self._mapping if isinstance(t, WeightConverter)]
         by_pattern = {p: c for c in converters for p in c.source_patterns}
         meta_sd = model.state_dict(keep_vars=True)
@@ -200,6 +205,7 @@ class WeightMap:
                     SAFETENSORS_DTYPES[info.dtype],
                     tuple(info.shape),
                     expected.dtype,
+                    packed=entry.target is not None,
                 )
             )
 
@@ -270,7 +276,10 @@ class WeightMap:
                 tensor = torch.frombuffer(buf, dtype=slot.src_dtype).view(slot.shape)
             if tensor.dtype != slot.dtype or tensor.device != self.device:
                 tensor = tensor.to(device=self.device, dtype=slot.dtype)
-            elif self.align and tensor.data_ptr() % ALIGNMENT:
+            elif (self.align or slot.packed) and tensor.data_ptr() % ALIGNMENT:
+                # torch's packed kernels crash on weights that are not 16-byte aligned (measured:
+                # a general protection fault at 8 mod 64); splits we write align them, so this
+                # copy only happens for files written otherwise.
                 tensor = tensor.clone()
             out[slot.key] = tensor
         return out, None
@@ -358,7 +367,9 @@ class WeightMap:
                 tensor = tensor.clone()  # some conversions (renames, transposes) keep views
             state_dict[key] = tensor
         config = LoadStateDictConfig(
-            device_map={"": str(self.device)}, weight_mapping=self._mapping
+            device_map={"": str(self.device)},
+            weight_mapping=self._mapping,
+            hf_quantizer=quantizer_of(self.model),  # keeps packed tensors uncast for its ops
         )
         with _quiet_transformers():
             if "tp_plan" in inspect.signature(convert_and_load_state_dict_in_model).parameters:

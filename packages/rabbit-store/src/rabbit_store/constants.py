@@ -81,3 +81,8 @@ NON_SAFETENSORS_WEIGHT_SUFFIXES = PICKLE_SUFFIXES + UNSUPPORTED_WEIGHT_SUFFIXES
 HASH_CHUNK = 16 * 1024 * 1024
 #: Index files above this size are refused before reading (the largest real ones are a few MB).
 MAX_INDEX_BYTES = 100_000_000
+
+#: Bytes a transformed (compressed) split file aligns its data section to: what torch's CPU
+#: allocator guarantees, and what the packed int8/int4 kernels were measured to need (a weight at
+#: 8 mod 64 crashed `_weight_int8pack_mm` with a general protection fault).
+TENSOR_ALIGNMENT = 64

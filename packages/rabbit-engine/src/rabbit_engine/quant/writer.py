@@ -32,7 +32,8 @@ from rabbit_store.compression import (
     packed_names,
     parse_compression,
 )
-from rabbit_store.safetensors_header import DTYPE_BITS
+from rabbit_store.constants import TENSOR_ALIGNMENT
+from rabbit_store.safetensors_header import DTYPE_BITS, tensor_nbytes
 from rabbit_store.split import split_checkpoint
 from rabbit_store.split.transform import PlannedTensor
 
@@ -155,8 +156,13 @@ class CompressTransform:
             for name, part_name in zip(packed_names(info.name), ("qweight", "scales"), strict=True):
                 shape, dtype = specs[part_name]
                 planned.append(PlannedTensor(name, _BY_TORCH[dtype], tuple(shape)))
-        # Widest dtype first, as the safetensors writer does, so every tensor stays aligned.
-        return sorted(planned, key=lambda t: -max(1, DTYPE_BITS[t.dtype] // 8))
+        # Sizes that keep the next tensor 64-byte aligned first (the data starts aligned), then
+        # widest dtype first, as the safetensors writer does, so every tensor stays aligned to
+        # its element size. The loader copies any packed tensor that still lands unaligned.
+        return sorted(
+            planned,
+            key=lambda t: (_nbytes(t) % TENSOR_ALIGNMENT != 0, -max(1, DTYPE_BITS[t.dtype] // 8)),
+        )
 
     def produce(
         self,
@@ -178,6 +184,10 @@ class CompressTransform:
             data[sname] = _bytes_of(packed.scales)
         for planned in self.outputs(part, layer, infos) or ():
             yield data.pop(planned.name)
+
+
+def _nbytes(tensor: PlannedTensor) -> int:
+    return tensor_nbytes(tensor.dtype, tensor.shape) or 0
 
 
 def _tensor(raw: memoryview | bytes, info: TensorInfo) -> torch.Tensor:
