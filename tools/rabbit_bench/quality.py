@@ -1,14 +1,16 @@
-"""Perplexity of the default model with its decoder linears fake-quantized by rabbit_engine.quant.
+"""Perplexity of the default model streamed by RabbitLLM, uncompressed and compressed.
 
-Loads SmolLM2-135M-Instruct (the default model's local build) into transformers, in memory, and
-scores a real English text available offline (default: the GPL-3 licence text Debian installs)
-with every `nn.Linear` of the decoder layers replaced by `dequantize(quantize(w, scheme))`:
-exactly the weights the int8/int4 kernels multiply by. Embeddings, norms and the (tied) head are
-untouched. The text is cut into non-overlapping chunks of `--chunk` tokens, each scored on its
-own (its first token unscored), and perplexity = exp(mean next-token NLL) over all chunks.
+Loads SmolLM2-135M-Instruct (the default model's local build) with `AutoModel.from_pretrained`,
+once per configuration: the checkpoint's own dtype, then `compression="8bit"` and
+`compression="4bit"` with each group size: the product's own path (the compressed split written
+into the cache, linears on torch's packed kernels), not a simulation of it. It scores a real
+English text available offline (default: the GPL-3 licence text Debian installs), cut into
+non-overlapping chunks of `--chunk` tokens, each scored on its own (its first token unscored):
+perplexity = exp(mean next-token NLL) over all chunks. Embeddings, norms and the (tied) head stay
+in the run dtype. "layer bytes" is what a token streams, relative to the uncompressed model.
 
-A scheme whose group size does not divide a layer's in_features cannot be packed (the kernel has
-no partial groups) and is reported as n/a.
+A 4-bit group size that does not divide a linear's in_features leaves that linear uncompressed
+(the kernel has no partial groups): the layer bytes column shows how much was compressed.
 
 Caveat: the default model is built from a Q4_1 GGUF (4-bit, groups of 32, scale + min), so its
 weights already lie on a 4-bit grid; 4-bit group-32 quantization can nearly reproduce them, and
@@ -22,21 +24,28 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import math
+import os
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from rabbit_engine.errors import InvalidOptionError
-from rabbit_engine.quant import CompressionScheme, dequantize, parse_compression, quantize
+from rabbit_engine.weights import RESIDENT
 
 DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")
-CONFIGS = ("8bit", "4bit-g32", "4bit-g64", "4bit-g128")
+CONFIGS: dict[str, dict] = {
+    "uncompressed": {},
+    "8bit": {"compression": "8bit"},
+    "4bit-g32": {"compression": "4bit", "group_size": 32},
+    "4bit-g64": {"compression": "4bit", "group_size": 64},
+    "4bit-g128": {"compression": "4bit", "group_size": 128},
+}
 
 
-def perplexity(model: nn.Module, ids: torch.Tensor, chunk: int) -> tuple[float, int]:
+def perplexity(model: torch.nn.Module, ids: torch.Tensor, chunk: int) -> tuple[float, int]:
     """exp(mean NLL) over non-overlapping chunks of `ids`, and the number of tokens scored."""
     nll, count = 0.0, 0
     with torch.inference_mode():
@@ -51,20 +60,10 @@ def perplexity(model: nn.Module, ids: torch.Tensor, chunk: int) -> tuple[float, 
     return math.exp(nll / count), count
 
 
-def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    layers = model.model.layers
-    return {
-        f"model.layers.{i}.{name}": module
-        for i, layer in enumerate(layers)
-        for name, module in layer.named_modules()
-        if isinstance(module, nn.Linear)
-    }
-
-
-def scheme_of(label: str) -> CompressionScheme:
-    if label == "8bit":
-        return parse_compression("8bit")
-    return parse_compression("4bit", group_size=int(label.split("-g")[1]))
+def layer_bytes(model: torch.nn.Module) -> int:
+    """Bytes one token streams: every decoder layer's, as read from storage."""
+    weight_map = model._rabbit_streamer.weight_map
+    return sum(weight_map.nbytes(gid) for gid in weight_map.groups if gid != RESIDENT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,11 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="English text file")
     parser.add_argument("--max-tokens", type=int, default=4096, help="tokens scored (0: all)")
     parser.add_argument("--chunk", type=int, default=1024, help="tokens per scored chunk")
-    parser.add_argument("--bf16", action="store_true", help="also score the model cast to bf16")
+    parser.add_argument("--dtype", default="bfloat16", help="run dtype (default bfloat16)")
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {list(CONFIGS)}"
+    )
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from rabbitllm import AutoModel
     from rabbitllm.default_model import default_model_path
 
     path = default_model_path()
@@ -88,55 +92,28 @@ def main(argv: list[str] | None = None) -> int:
         ids = ids[: args.max_tokens]
     if ids.numel() < 2000:
         raise SystemExit(f"{args.text} gives {ids.numel()} tokens; need >= 2000")
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    dtype = next(model.parameters()).dtype
-    print(f"model: {path} ({dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    print(f"model: {path} (run dtype {args.dtype}, torch {torch.__version__})")
     print(f"text: {args.text} sha256 {hashlib.sha256(raw).hexdigest()} ({total} tokens)")
     print(
         f"scored: first {ids.numel()} tokens in non-overlapping chunks of {args.chunk} "
-        f"(each chunk's first token unscored); scale dtype bfloat16"
+        "(each chunk's first token unscored)"
     )
-    linears = decoder_linears(model)
-    originals = {name: m.weight.detach().clone() for name, m in linears.items()}
-    stored = sum(w.numel() for w in originals.values())
-
-    rows: list[tuple[str, float | None, int | None, str]] = []
-    t0 = time.perf_counter()
-    base, scored = perplexity(model, ids, args.chunk)
-    rows.append((f"{str(dtype).removeprefix('torch.')} (checkpoint)", base, scored, ""))
-    print(f"  baseline done in {time.perf_counter() - t0:.1f}s", flush=True)
-    if args.bf16:
-        model.to(torch.bfloat16)
-        ppl, _ = perplexity(model, ids, args.chunk)
-        rows.append(("bfloat16 (cast)", ppl, None, ""))
-        model.to(dtype)
-        for name, m in linears.items():
-            m.weight.data.copy_(originals[name])
-    for label in CONFIGS:
-        scheme = scheme_of(label)
-        nbytes = 0
-        try:
-            for name, module in linears.items():
-                packed = quantize(originals[name], scheme, name=name)
-                nbytes += packed.nbytes
-                module.weight.data.copy_(dequantize(packed, dtype=dtype))
-        except InvalidOptionError as exc:
-            rows.append((label, None, None, f"n/a: {exc}"))
-            continue
-        t0 = time.perf_counter()
-        ppl, _ = perplexity(model, ids, args.chunk)
-        bits = 8 * nbytes / stored
-        rows.append((label, ppl, None, f"{bits:.2f} bits/weight stored"))
-        print(f"  {label} done in {time.perf_counter() - t0:.1f}s", flush=True)
-        for name, m in linears.items():
-            m.weight.data.copy_(originals[name])
-
-    print(f"{'weights':>22} {'perplexity':>11} {'vs base':>8}  note")
-    for label, ppl, _, note in rows:
-        if ppl is None:
-            print(f"{label:>22} {'-':>11} {'-':>8}  {note}")
-        else:
-            print(f"{label:>22} {ppl:>11.4f} {100 * (ppl / base - 1):>+7.2f}%  {note}")
+    rows: list[tuple[str, float, int]] = []
+    with tempfile.TemporaryDirectory(prefix="rabbit-quality-") as cache:
+        os.environ["RABBITLLM_CACHE"] = cache  # compressed splits of this run only
+        for label in args.configs.split(","):
+            t0 = time.perf_counter()
+            with AutoModel.from_pretrained(path, dtype=args.dtype, **CONFIGS[label]) as model:
+                ppl, _ = perplexity(model, ids, args.chunk)
+                rows.append((label, ppl, layer_bytes(model)))
+            print(f"  {label} done in {time.perf_counter() - t0:.1f}s", flush=True)
+    base, base_bytes = rows[0][1], rows[0][2]
+    print(f"{'weights':>14} {'perplexity':>11} {'vs ' + rows[0][0]:>16} {'layer bytes':>12}")
+    for label, ppl, nbytes in rows:
+        print(
+            f"{label:>14} {ppl:>11.4f} {100 * (ppl / base - 1):>+15.2f}% "
+            f"{100 * nbytes / base_bytes:>11.1f}%"
+        )
     return 0
 
 
