@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """One short GPU check (run it on a lent CUDA machine; it needs no network): family parity on CUDA
 through the pinned-staging path (the required families; --all for every supported one), flash-attn
-when it is installed, then a quick side-by-side benchmark. Target: under 5 minutes.
+when it is installed, compressed layers (8bit/4bit, dequantized in the prefetch thread on CUDA)
+against transformers' fake-quantized model, then a quick side-by-side benchmark. Target: under 5
+minutes.
 
     python tools/gpu_check.py            # exits non-zero on any mismatch
     python tools/gpu_check.py --all      # every supported family (much longer)
@@ -9,6 +11,7 @@ when it is installed, then a quick side-by-side benchmark. Target: under 5 minut
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,6 +31,7 @@ from tests.models.families import (  # noqa: E402
     build_model,
     save_checkpoint,
 )
+from tests.models.test_compressed_parity import fake_quantized  # noqa: E402
 
 
 def check_family(
@@ -56,6 +60,27 @@ def check_family(
     ), f"max|dlogits|={diff:.2e} tokens_equal={same}"
 
 
+def check_compressed(family: str, tmp: Path, compression: str) -> tuple[bool, str]:
+    """fp32 compressed streaming on CUDA against transformers' fake-quantized model on CUDA (the
+    CPU test suite's oracle; the tolerance is its 1e-4 relative)."""
+    path = tmp / family
+    if not path.exists():
+        save_checkpoint(build_model(family, dtype=torch.float32, seed=0), path, sharded=True)
+    kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    with AutoModel.from_pretrained(
+        path, device="cuda", dtype=torch.float32, compression=compression
+    ) as model:
+        record = model._rabbit_streamer.weight_map.compressed.record
+        fake = fake_quantized(path, record, tmp / f"{family}-{compression}-fake").to("cuda")
+        ids = torch.randint(3, fake.config.vocab_size - 1, (1, 24), device="cuda")
+        with torch.no_grad():
+            expected, got = fake(ids).logits, model(ids).logits
+        diff = (expected - got).abs().max().item()
+        same = torch.equal(fake.generate(ids, **kw), model.generate(ids, **kw))
+    bound = 1e-4 * max(1.0, expected.abs().max().item())
+    return same and diff <= bound, f"max|dlogits|={diff:.2e} tokens_equal={same}"
+
+
 def main() -> int:
     assert torch.cuda.is_available(), "run this on a CUDA machine"
     flash, why = is_flash_attention_available(torch.bfloat16)
@@ -79,6 +104,15 @@ def main() -> int:
                 f"{'ok  ' if ok else 'FAIL'} {family:16s} {str(dtype):15s} {attn:17s} {detail}",
                 flush=True,
             )
+        os.environ["RABBITLLM_CACHE"] = str(Path(tmp) / "cache")
+        for family in families:
+            for compression in ("8bit", "4bit"):
+                try:
+                    ok, detail = check_compressed(family, Path(tmp), compression)
+                except Exception as exc:
+                    ok, detail = False, f"{type(exc).__name__}: {exc}"
+                failures += not ok
+                print(f"{'ok  ' if ok else 'FAIL'} {family:16s} {compression:15s} {detail}")
     print(f"parity: {failures} failure(s) in {time.time() - start:.0f}s")
     bench = [sys.executable, "-m", "tools.rabbit_bench", "--quick", "--device", "cuda"]
     subprocess.run(bench, cwd=ROOT, check=False)
