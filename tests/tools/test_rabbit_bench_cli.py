@@ -57,3 +57,21 @@ def test_a_wrong_checkout_variable_is_named(outside_a_checkout, monkeypatch):
     monkeypatch.setenv(bench_command.BENCH_ENV, str(outside_a_checkout))
     with pytest.raises(FeatureNotAvailableError, match="RABBITLLM_CHECKOUT=.* is not a RabbitLLM"):
         bench_command.find_checkout()
+
+
+def test_compression_picks_rows_the_bench_has():
+    """`rabbit bench --compression 8bit|4bit` names the bench's own rows (a renamed row fails
+    here, not in a user's run)."""
+    from tools.rabbit_bench.spec import ENGINES
+
+    for bits, engines in bench_command.COMPRESSION_ENGINES.items():
+        assert set(engines) <= set(ENGINES), engines
+        assert f"rabbit-{bits}bit" in engines
+
+
+def test_compression_and_engines_together_are_refused(tmp_path, capsys):
+    code = main(
+        ["bench", "--model", str(tmp_path), "--compression", "4bit", "--", "--engines", "x"]
+    )
+    assert code == 2
+    assert "--compression picks the engines" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Side-by-side decode benchmark: RabbitLLM vs transformers vs accelerate's disk offload.
+"""Side-by-side decode benchmark: RabbitLLM vs transformers, accelerate disk offload, llama.cpp.
 
 Makes (or reuses) a Llama-shaped random bf16 checkpoint, then runs every engine in its own process
 in up to three regimes and prints one table with the ratio of each decode step to that regime's
@@ -16,6 +16,12 @@ floor:
   resident  RabbitLLM with a budget >= the model: everything stays resident.
             floor = transformers' in-memory decode step, measured in the same run.
 
+Rows on bytes of their own: `rabbit-8bit`/`rabbit-4bit` stream a compressed split of the checkpoint
+(written once, before any timing); `llamacpp-bf16`/`-q8_0`/`-q4_0` run llama.cpp's CPU library (the
+llama-cpp-py-sync wheel) on the checkpoint written as GGUF, checked against transformers first.
+Each has its own floor: its bytes read per token / the cold bandwidth, or its in-memory step when
+that is larger (goals.py says which run gives that step).
+
 Only ratios measured side by side in one run mean anything; absolute times depend on the machine
 and on whatever else it is doing (the load average is printed with the results).
 
@@ -27,7 +33,8 @@ Run from the checkout's root (a development tool: it is not installed with any p
 
 Modules: cli (flags, the run's order), spec (engines, regimes, each child's spec), runner (child
 processes), child (one engine in one process), goals (floors, ratios, goals), table (the printed
-results), checkpoint (the generated model and its facts), memcap (cgroup caps, page cache), machine.
+results), checkpoint (the generated model and its facts), memcap (cgroup caps, page cache), machine,
+gguf_export (the checkpoint as GGUF, and its check), llamacpp (llama.cpp's library, made loadable).
 Beside the bench: readpaths (engine-free read-path micro-benchmark), larger_than_ram (a model
 bigger than RAM, by hand), split (rabbit split against cp).
 

@@ -215,7 +215,80 @@ def load_engine(spec: dict):
     raise ValueError(f"unknown engine {engine!r}")
 
 
+def run_llamacpp(spec: dict) -> dict:
+    """llama.cpp's row: the same steps, counters and files as `run`, on a GGUF file mapped by
+    llama.cpp (no torch imported: this process's memory is llama.cpp's own)."""
+    from .llamacpp import LlamaCppModel
+
+    out: dict = {"engine": spec["engine"], "regime": spec["regime"], "ok": False}
+    files = spec["files"]
+    threads = spec.get("threads") or len(os.sched_getaffinity(0))
+    with MemorySampler() as mem:
+        t0 = time.perf_counter()
+        model = LlamaCppModel(
+            spec["path"],
+            cache=Path(spec["llamacpp_cache"]),
+            n_ctx=spec["prompt"] + spec["tokens"] + 8,
+            threads=threads,
+        )
+        out["threads"] = threads
+        out["import_s"] = 0.0
+        out["load_s"] = time.perf_counter() - t0
+        mem.sample()
+        out["after_load"] = read_status()
+        if spec.get("cold"):
+            memcap.pageout_own_mappings(files)
+            memcap.evict_files(files)
+        elif spec.get("warm"):
+            memcap.warm_files(files)
+        out["cached_before_prefill"] = memcap.resident_fraction(files)
+        counters = StepCounters()
+        logits_rows: list[bytes] = []
+        tokens: list[int] = []
+        steps: list[float] = []
+        cached_between: list[float] = []
+
+        def step(ids: list[int], count: bool = True) -> float:
+            if count:
+                counters.begin()
+            start = time.perf_counter()
+            (row,) = model.decode(ids)
+            elapsed = time.perf_counter() - start
+            if count:
+                counters.end()
+            logits_rows.append(row.tobytes())
+            tokens.append(max(range(len(row)), key=row.__getitem__))
+            return elapsed
+
+        io0 = io_read_bytes()
+        out["prefill_s"] = step(list(spec["prompt_ids"]), count=False)
+        out["prefill_read_bytes"] = (io_read_bytes() - io0) if io0 is not None else None
+        for _ in range(spec["tokens"]):
+            if spec.get("evict_each_step"):
+                memcap.pageout_own_mappings(files)
+                memcap.evict_files(files)
+                cached_between.append(memcap.resident_fraction(files))
+            steps.append(step([tokens[-1]]))
+            mem.sample()
+        out["decode_steps_s"] = steps
+        out["decode_s"] = statistics.median(steps) if steps else None
+        out["tokens"] = tokens
+        out["step_counters"] = counters.rows
+        out["per_step"] = counters.medians()
+        out["cached_after_run"] = memcap.resident_fraction(files)
+        if cached_between:
+            out["cached_between_steps_max"] = max(cached_between)
+        out["vocab"] = model.n_vocab
+        model.close()
+    out["peak"] = mem.peak
+    Path(spec["logits"]).write_bytes(b"".join(logits_rows))
+    out["ok"] = True
+    return out
+
+
 def run(spec: dict) -> dict:
+    if spec["engine"].startswith("llamacpp"):
+        return run_llamacpp(spec)
     out: dict = {"engine": spec["engine"], "regime": spec["regime"], "ok": False}
     files = spec.get("files", [])
     evict_each_step = spec.get("evict_each_step", False)
@@ -253,9 +326,8 @@ def run(spec: dict) -> dict:
         cache_kw = "cache" if "cache" in params else "past_key_values"
         extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         device = getattr(model, "device", torch.device("cpu"))
-        gen = torch.Generator().manual_seed(spec.get("seed", 0))
         vocab = model.config.vocab_size
-        prompt = torch.randint(3, vocab, (1, spec["prompt"]), generator=gen).to(device)
+        prompt = torch.tensor([spec["prompt_ids"]], device=device)
         cache = DynamicCache(config=model.config)
         logits_rows = []
         tokens: list[int] = []

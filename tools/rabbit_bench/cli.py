@@ -15,15 +15,25 @@ from pathlib import Path
 from . import goals, table
 from .checkpoint import QUICK, Shape, checkpoint_files, layer_facts, shape_for_size
 from .machine import machine_info
-from .runner import Runner, child_bandwidth, log, make_split, merge_repeats, prepare_checkpoint
+from .runner import (
+    Runner,
+    child_bandwidth,
+    log,
+    make_split,
+    merge_repeats,
+    prepare_artifacts,
+    prepare_checkpoint,
+)
 from .spec import (
     ENGINES,
     GIB,
+    LLAMACPP,
     MB,
     REGIME_ALIASES,
     REGIMES,
     cold_regime,
     parse_choices,
+    prompt_ids,
     run_order,
 )
 
@@ -55,7 +65,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--regimes", default=",".join(REGIMES), help="cold,warm,resident (or 1,2,3)")
-    ap.add_argument("--engines", default=",".join(ENGINES), help=",".join(ENGINES))
+    ap.add_argument(
+        "--engines",
+        default=None,
+        help=f"{','.join(ENGINES)} (default: all; the llamacpp-* rows only where the "
+        "llama-cpp-py-sync wheel is installed)",
+    )
     ap.add_argument(
         "--tokens", type=int, default=None, help="decode steps timed (default 8; 4 with --quick)"
     )
@@ -70,7 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prefetch", type=int, default=2, help="RabbitLLM prefetch depth")
     ap.add_argument("--no-profile", action="store_true", help="run RabbitLLM without its profiler")
     ap.add_argument(
-        "--threads", type=int, default=None, help="torch threads in every child (default: torch's)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch (and llama.cpp) threads in every child (default: torch's; llama.cpp's: "
+        "every CPU this process may use)",
     )
     ap.add_argument(
         "--nice",
@@ -112,6 +131,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-bw", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--make-checkpoint", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--make-gguf", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -150,7 +170,29 @@ def run_child(args: argparse.Namespace) -> int | None:
         where = Path(args.make_checkpoint).parent
         make_checkpoint(Shape(**spec["shape"]), where, fresh=spec["fresh"], log=log)
         return 0
+    if args.make_gguf:
+        from .gguf_export import export_and_check
+
+        spec = json.loads(Path(args.make_gguf).read_text())
+        export_and_check(
+            Path(spec["checkpoint"]),
+            Path(spec["dest"]),
+            spec["kind"],
+            cache=Path(spec["cache"]),
+            threads=spec["threads"],
+        )
+        return 0
     return None
+
+
+def default_engines() -> str:
+    """Every engine; the llama.cpp rows only where its wheel is installed (said in the log)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp_py_sync") is not None:
+        return ",".join(ENGINES)
+    log("llama.cpp rows left out: the llama-cpp-py-sync wheel is not installed")
+    return ",".join(e for e in ENGINES if e not in LLAMACPP)
 
 
 def choose_shape(args: argparse.Namespace) -> Shape:
@@ -179,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         args.tokens = 4 if args.quick else 8
     shape = choose_shape(args)
     regimes_wanted = parse_choices(args.regimes, REGIMES, "regime", REGIME_ALIASES)
+    args.engines = args.engines or default_engines()
     engines_wanted = parse_choices(args.engines, ENGINES, "engine")
 
     workdir = Path(args.workdir)
@@ -199,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         if split_dir is None:
             log(f"split failed: {split_err}")
 
+    artifacts, artifact_errors = prepare_artifacts(engines_wanted, ckpt, workdir, args)
+    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    prompt = prompt_ids(vocab, args.prompt, args.seed)
+
     regimes: dict[str, dict] = {name: {"name": name} for name in regimes_wanted}
     if "cold" in regimes:
         cold = regimes["cold"] = cold_regime(args, facts["total_bytes"])
@@ -214,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"(no cap: {cold['method_detail']})"
             )
 
-    runner = Runner(args, ckpt, split_dir, facts)
+    runner = Runner(args, ckpt, split_dir, facts, prompt, artifacts, artifact_errors)
     results: list[dict] = []
     started = time.time()
     for name in regimes_wanted:
@@ -253,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         split_err=split_err,
     )
     table.print_table(results, regimes, facts)
+    table.print_artifacts(artifacts, artifact_errors)
     met = goals.evaluate(results, regimes, facts)
     goals.print_goals(met)
     table.print_profiles(results)
@@ -267,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             "regimes": regimes,
             "results": results,
             "goals": met,
+            "artifacts": {k: {**v, "path": str(v["path"])} for k, v in artifacts.items()},
+            "artifact_errors": artifact_errors,
         }
         Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
     if not args.keep:

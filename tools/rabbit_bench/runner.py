@@ -21,8 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import memcap
-from .checkpoint import Shape, checkpoint_files
-from .spec import GIB, engine_spec
+from .checkpoint import Shape, checkpoint_files, layer_facts
+from .spec import COMPRESSED, GIB, LLAMACPP, engine_spec
 
 #: The checkout's root: children run `-m tools.rabbit_bench` from here.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -123,6 +123,119 @@ def make_split(ckpt: Path, workdir: Path, fresh: bool) -> tuple[Path | None, str
     return dst, ""
 
 
+def make_compressed(
+    ckpt: Path, workdir: Path, compression: str, fresh: bool
+) -> tuple[Path | None, str]:
+    """RabbitLLM's compressed split of the checkpoint (`compress_checkpoint`, once, in a child:
+    torch stays out of this process): (its directory, "") or (None, why not)."""
+    dst = workdir / f"{ckpt.name}-{compression}"
+    if (dst / "rabbit-split.json").exists() and not fresh:
+        return dst, ""
+    shutil.rmtree(dst, ignore_errors=True)
+    code = (
+        "import sys\n"
+        "try:\n"
+        "    from rabbit_engine.quant import compress_checkpoint\n"
+        "except ImportError:  # before the package exports it\n"
+        "    from rabbit_engine.quant.writer import compress_checkpoint\n"
+        "compress_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(ckpt), str(dst), compression],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0 or not (dst / "rabbit-split.json").exists():
+        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        return None, lines[-1] if lines else f"compress_checkpoint exited with {proc.returncode}"
+    return dst, ""
+
+
+def make_gguf(
+    ckpt: Path, workdir: Path, kind: str, fresh: bool, threads: int | None
+) -> tuple[Path | None, str]:
+    """The checkpoint as a GGUF file of `kind`, written and checked (gguf_export.check_gguf) in a
+    child: (its path, "") or (None, why not). A file that fails its check is never kept."""
+    from .gguf_export import gguf_path
+
+    dst = gguf_path(ckpt, kind, workdir)
+    check = dst.with_name(dst.name + ".check.json")
+    if dst.exists() and check.exists() and not fresh:
+        return dst, ""
+    dst.unlink(missing_ok=True)
+    check.unlink(missing_ok=True)
+    spec = workdir / f"{dst.name}.spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "checkpoint": str(ckpt),
+                "dest": str(dst),
+                "kind": kind,
+                "cache": str(workdir / "llamacpp"),
+                "threads": threads or len(os.sched_getaffinity(0)),
+            }
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.rabbit_bench", "--make-gguf", str(spec)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0 or not check.exists():
+        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        return None, lines[-1] if lines else f"GGUF writer exited with {proc.returncode}"
+    return dst, ""
+
+
+def prepare_artifacts(
+    engines: list[str], ckpt: Path, workdir: Path, args: argparse.Namespace
+) -> tuple[dict[str, dict], dict[str, str]]:
+    """What the compressed and llama.cpp rows run on, made before any timing: engine ->
+    {path, files, stream_bytes (read per token from a cold cache), facts or check}, and
+    engine -> why it could not be made."""
+    from .gguf_export import streamed_bytes
+
+    made: dict[str, dict] = {}
+    errors: dict[str, str] = {}
+    for eng in engines:
+        if eng in COMPRESSED:
+            log(f"compressed split ({COMPRESSED[eng]}) for {eng} ...")
+            where, err = make_compressed(ckpt, workdir, COMPRESSED[eng], args.fresh)
+            if where is not None:
+                facts = layer_facts(where)
+                made[eng] = {
+                    "path": where,
+                    "files": [str(p) for p in checkpoint_files(where)],
+                    "stream_bytes": facts["layer_bytes"],
+                    "facts": facts,
+                }
+        elif eng in LLAMACPP:
+            log(f"GGUF ({LLAMACPP[eng]}) for {eng}: write and check against transformers ...")
+            where, err = make_gguf(ckpt, workdir, LLAMACPP[eng], args.fresh, args.threads)
+            if where is not None:
+                check = json.loads(where.with_name(where.name + ".check.json").read_text())
+                made[eng] = {
+                    "path": where,
+                    "files": [str(where)],
+                    "stream_bytes": streamed_bytes(where),
+                    "check": check,
+                }
+                log(
+                    f"  {where.name}: {where.stat().st_size / 1e6:,.1f} MB; top-1 equal to "
+                    f"transformers' at {check['top1_agree']}/{check['positions']} positions, "
+                    f"max |dlogit| {check['logits_max_abs_diff']:.3g}"
+                )
+        else:
+            continue
+        if eng not in made:
+            errors[eng] = err
+            log(f"  {eng}: FAILED: {err}")
+    return made, errors
+
+
 def child_bandwidth(spec_path: str) -> int:
     """The bandwidth child (`--child-bw SPEC`): cold sequential reads, both ways, twice."""
     spec = json.loads(Path(spec_path).read_text())
@@ -138,12 +251,22 @@ class Runner:
     """Runs each engine (and the bandwidth probe) in a child, under the regime's conditions."""
 
     def __init__(
-        self, args: argparse.Namespace, ckpt: Path, split_dir: Path | None, facts: dict
+        self,
+        args: argparse.Namespace,
+        ckpt: Path,
+        split_dir: Path | None,
+        facts: dict,
+        prompt_ids: list[int],
+        artifacts: dict[str, dict] | None = None,
+        artifact_errors: dict[str, str] | None = None,
     ) -> None:
         self.args = args
         self.ckpt = ckpt
         self.split_dir = split_dir
         self.facts = facts
+        self.prompt_ids = prompt_ids
+        self.artifacts = artifacts or {}
+        self.artifact_errors = artifact_errors or {}
         self.tmp = Path(tempfile.mkdtemp(prefix="run-", dir=args.workdir))
         self.files = [str(p) for p in checkpoint_files(ckpt)]
         self.split_files = [str(p) for p in checkpoint_files(split_dir)] if split_dir else []
@@ -185,6 +308,10 @@ class Runner:
         if engine == "rabbit-split" and self.split_dir is None:
             error = "no split directory (split failed)"
             return {"engine": engine, "regime": name, "ok": False, "error": error}
+        if engine in self.artifact_errors:
+            error = self.artifact_errors[engine]
+            return {"engine": engine, "regime": name, "ok": False, "error": error}
+        artifact = self.artifacts.get(engine)
         spec = engine_spec(
             self.args,
             engine=engine,
@@ -196,6 +323,8 @@ class Runner:
             split_files=self.split_files,
             total_bytes=self.facts["total_bytes"],
             tmp=self.tmp,
+            prompt_ids=self.prompt_ids,
+            artifact=(artifact["path"], artifact["files"]) if artifact else None,
         )
         cg = None
         if spec.get("cold"):
@@ -237,6 +366,11 @@ class Runner:
         res["cgroup"] = cg_stats
         res["load1"] = [load_start, loadavg()]
         res["logits_path"] = spec["logits"]
+        res["evicted_each_step"] = spec.get("evict_each_step", False)
+        if artifact:
+            res["stream_bytes"] = artifact["stream_bytes"]
+            if artifact.get("facts"):
+                res["own_facts"] = artifact["facts"]
         if not res.get("ok"):
             log(f"    failed: {res.get('error', '')[:300]}")
         return res

@@ -8,6 +8,8 @@ decision about a run in the parent, and the child a plain executor.
 from __future__ import annotations
 
 import argparse
+import os
+import random
 import shutil
 from pathlib import Path
 
@@ -15,13 +17,30 @@ from . import memcap
 
 # rabbit-auto: RabbitLLM with max_memory="auto" (cold regime only): as many layers resident as the
 # cgroup's memory allows, the rest streamed; its floor counts only the bytes it streams.
-ENGINES = ("rabbit", "rabbit-split", "rabbit-auto", "transformers", "accelerate")
+# rabbit-8bit / rabbit-4bit: RabbitLLM streaming a compressed split of the checkpoint (written once,
+# before any timing). llamacpp-*: llama.cpp's CPU library on the checkpoint written as GGUF.
+COMPRESSED = {"rabbit-8bit": "8bit", "rabbit-4bit": "4bit"}
+LLAMACPP = {"llamacpp-bf16": "bf16", "llamacpp-q8_0": "q8_0", "llamacpp-q4_0": "q4_0"}
+#: Rows at equal bits, for the goals that compare RabbitLLM with llama.cpp.
+EQUAL_BITS = {"rabbit-8bit": "llamacpp-q8_0", "rabbit-4bit": "llamacpp-q4_0"}
+ENGINES = (
+    "rabbit",
+    "rabbit-split",
+    "rabbit-auto",
+    *COMPRESSED,
+    "transformers",
+    "accelerate",
+    *LLAMACPP,
+)
+#: Rows whose weights are not the checkpoint's own: their tokens may differ from transformers'.
+LOSSY = (*COMPRESSED, *LLAMACPP)
 REGIMES = ("cold", "warm", "resident")
 REGIME_ALIASES = {"1": "cold", "2": "warm", "3": "resident"}
-REGIME_ENGINES = {  # accelerate with everything in memory is transformers itself
+REGIME_ENGINES = {  # accelerate with everything in memory is transformers itself; llama.cpp's
+    # mapped file in the page cache is its warm row already
     "cold": ENGINES,
     "warm": tuple(e for e in ENGINES if e != "rabbit-auto"),
-    "resident": ("rabbit", "rabbit-split", "transformers"),
+    "resident": ("rabbit", "rabbit-split", *COMPRESSED, "transformers"),
 }
 #: Below this a cgroup cap would starve python+torch itself: evict per step instead.
 MIN_CAP = 512 << 20
@@ -48,6 +67,17 @@ def run_order(regime: str, engines_wanted: list[str], rep: int) -> list[str]:
         return []
     k = rep % len(order)
     return order[k:] + order[:k]
+
+
+def prompt_ids(vocab: int, length: int, seed: int) -> list[int]:
+    """The prompt every engine gets (ids >= 3: past the special tokens), made in the parent so
+    that llama.cpp's child needs no torch to draw the same one."""
+    rng = random.Random(seed)
+    return [rng.randrange(3, vocab) for _ in range(length)]
+
+
+def files_bytes(files: list[str]) -> int:
+    return sum(os.path.getsize(f) for f in files)
 
 
 def cold_regime(args: argparse.Namespace, total_bytes: int) -> dict:
@@ -83,8 +113,11 @@ def engine_spec(
     split_files: list[str],
     total_bytes: int,
     tmp: Path,
+    prompt_ids: list[int],
+    artifact: tuple[Path, list[str]] | None = None,
 ) -> dict:
-    """The child's spec for one engine in one regime (`tag` names its result files)."""
+    """The child's spec for one engine in one regime (`tag` names its result files);
+    `artifact` is a compressed or llama.cpp row's own (directory or file, files it reads)."""
     name = regime["name"]
     spec = {
         "engine": engine,
@@ -93,6 +126,7 @@ def engine_spec(
         "device": args.device,
         "tokens": args.tokens,
         "prompt": args.prompt,
+        "prompt_ids": prompt_ids,
         "seed": args.seed,
         "prefetch": args.prefetch,
         "profile": not args.no_profile,
@@ -104,6 +138,15 @@ def engine_spec(
     if engine == "rabbit-split":
         spec["layers_path"] = str(split_dir)
         spec["files"] = split_files
+    if engine in COMPRESSED or engine in LLAMACPP:
+        if artifact is None:
+            raise ValueError(f"{engine}: no compressed split or GGUF file to run")
+        where, spec["files"] = str(artifact[0]), artifact[1]
+        if engine in COMPRESSED:
+            spec["layers_path"] = where
+        else:
+            spec["path"] = where
+            spec["llamacpp_cache"] = str(Path(args.workdir) / "llamacpp")
     if engine == "accelerate":
         offload = tmp / f"offload-{name}"
         shutil.rmtree(offload, ignore_errors=True)
@@ -114,7 +157,10 @@ def engine_spec(
         spec["max_memory"] = int(total_bytes * 1.25) + (256 << 20)
     if name == "cold":
         spec["cold"] = True
-        spec["evict_each_step"] = regime["method"] == "evict"
+        # A row whose files fit under the cap would keep them cached after its first step: it is
+        # evicted before every step too, so that each step reads its bytes from storage.
+        fits = regime["cap"] is not None and files_bytes(spec["files"]) <= regime["cap"]
+        spec["evict_each_step"] = regime["method"] == "evict" or fits
     else:
         spec["warm"] = True
     return spec

@@ -119,6 +119,9 @@ def print_table(results: list[dict], regimes: dict, facts: dict) -> None:
                     )
                 else:  # e.g. the evict method: no cap, so "auto" sees the host's free memory
                     print(f"{head}: it streams nothing, so it has no I/O floor")
+        for r in results:
+            if r["regime"] == name and r.get("stream_bytes") is not None:
+                print(f"  {r['engine']}: {own_floor_text(r, reg)}")
     print(
         f"RSS bound for streaming rows (resident {mb(facts['resident_bytes'])} MB + 3 x largest "
         f"layer {mb(facts['largest_layer'])} MB + 300 MB) = {mb(rss_bound(facts))} MB; "
@@ -129,6 +132,46 @@ def print_table(results: list[dict], regimes: dict, facts: dict) -> None:
         "decode step (median), cpu x = that over transformers' in the same regime (less "
         "sensitive than wall time to other load on the machine)."
     )
+
+
+def own_floor_text(r: dict, reg: dict) -> str:
+    """How a row with bytes of its own (compressed split, GGUF file) got its floor."""
+    compute = r.get("floor_compute_s")
+    step = "its in-memory step " + (f"{compute:.4f} s" if compute else "not measured")
+    if r.get("floor_io_s") is not None:
+        evicted = "; pages evicted before every step" if r.get("evicted_each_step") else ""
+        return (
+            f"floor {fmt(r.get('floor_s'), '.4f')} s = max({mb(r['stream_bytes'])} MB read per "
+            f"token / {reg['read_bps'] / GIB:.2f} GiB/s = {r['floor_io_s']:.4f} s, {step})"
+            f"{evicted}"
+        )
+    if r.get("floor_s") is not None and compute is not None:
+        return f"floor = {step}"
+    if r["regime"] == "warm" and r["engine"].startswith("rabbit-"):
+        return "no floor: its in-memory step comes from the resident regime, not run"
+    return f"floor = the regime's ({fmt(reg.get('floor_s'), '.4f')} s)"
+
+
+def print_artifacts(artifacts: dict[str, dict], errors: dict[str, str]) -> None:
+    """The files the compressed and llama.cpp rows ran on, and llama.cpp's check against
+    transformers."""
+    if not artifacts and not errors:
+        return
+    print("\nFiles of the compressed and llama.cpp rows:")
+    for eng, a in artifacts.items():
+        size = sum(Path(f).stat().st_size for f in a["files"])
+        line = f"  {eng:<13} {a['path']} ({size / MB:,.1f} MB, {mb(a['stream_bytes'])} MB/token)"
+        check = a.get("check")
+        if check:
+            line += (
+                f"; checked: weights as transformers reads them back within "
+                f"{check['weights_max_share_of_block_amax']:.3f} of a block's largest, top-1 "
+                f"equal to transformers' on {check['top1_agree']}/{check['positions']} prompt "
+                f"positions, max |dlogit| {check['logits_max_abs_diff']:.2g}"
+            )
+        print(line)
+    for eng, why in errors.items():
+        print(f"  {eng:<13} FAILED: {why}")
 
 
 def print_profiles(results: list[dict]) -> None:

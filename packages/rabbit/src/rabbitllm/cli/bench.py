@@ -18,9 +18,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rabbit_store.compression import COMPRESSION_CHOICES
 from rabbit_store.constants import CHECKOUT_ENV as BENCH_ENV
 from rabbitllm.cli.console import Console
-from rabbitllm.cli.errors import FeatureNotAvailableError
+from rabbitllm.cli.errors import FeatureNotAvailableError, UsageError
+
+#: The bench's rows for `--compression`: bf16 streaming and transformers as references, our
+#: compressed row, and llama.cpp at the same bits (tools/rabbit_bench/spec.py names them).
+COMPRESSION_ENGINES = {
+    8: ("rabbit", "rabbit-8bit", "transformers", "llamacpp-q8_0"),
+    4: ("rabbit", "rabbit-4bit", "transformers", "llamacpp-q4_0"),
+}
 
 #: The package, relative to a checkout's root.
 BENCH_PACKAGE = Path("tools") / "rabbit_bench"
@@ -39,6 +47,13 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "-m",
         metavar="DIR",
         help="local checkpoint directory to measure (default: the default model)",
+    )
+    p.add_argument(
+        "--compression",
+        choices=sorted(COMPRESSION_CHOICES),
+        default=None,
+        help="measure RabbitLLM compressed (the bench's rabbit-8bit or rabbit-4bit row) beside "
+        "bf16 streaming, transformers and llama.cpp at the same bits",
     )
     p.add_argument(
         "bench_args",
@@ -91,6 +106,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
         from rabbitllm.default_model import default_model_path
 
         model = str(default_model_path(progress=not console.quiet))
+    if args.compression:
+        if any(a == "--engines" or a.startswith("--engines=") for a in extra):
+            raise UsageError("--compression picks the engines; drop --engines after --.")
+        bits = COMPRESSION_CHOICES[args.compression]
+        extra += ["--engines", ",".join(COMPRESSION_ENGINES[bits])]
     command = [sys.executable, "-m", BENCH_MODULE, "--model", model, *extra]
     console.note(f"running python -m {BENCH_MODULE} in {checkout}")
     return subprocess.call(command, cwd=checkout)
