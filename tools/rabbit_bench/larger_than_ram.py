@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         "--max-memory", default=None, help="RabbitLLM max_memory (default: stream every layer)"
     )
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument(
+        "--compression",
+        default=None,
+        help="8bit or 4bit: compress the checkpoint once into <workdir>/<name>-<compression> "
+        "(timed apart) and stream that split",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -72,7 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(args.model)
     else:
         ap.error("give a checkpoint directory or --make")
-    files = checkpoint_files(path)
+    weights, compress_s = path, None
+    if args.compression:
+        from rabbit_engine.quant import compress_checkpoint
+
+        weights = Path(args.workdir) / f"{path.name}-{args.compression}"
+        if not (weights / "rabbit-split.json").exists():
+            t0 = time.perf_counter()
+            compress_checkpoint(path, weights, args.compression)
+            compress_s = time.perf_counter() - t0
+            print(f"compressed into {weights} in {compress_s:.0f} s", flush=True)
+    files = checkpoint_files(weights)
     size = sum(f.stat().st_size for f in files)
     ram = psutil.virtual_memory().total
     print(
@@ -89,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     from rabbitllm import AutoModel
 
     options = StreamingOptions.create(device=args.device, max_memory=args.max_memory, profile=True)
-    layer_sizes = layer_facts(path)["layer_sizes"]
+    layer_sizes = layer_facts(weights)["layer_sizes"]
     memory = MemorySampler(interval=0.01).__enter__()
     t0 = time.perf_counter()
-    model = AutoModel.from_pretrained(str(path), options=options)
+    layers_path = str(weights) if weights != path else None
+    model = AutoModel.from_pretrained(str(path), layers_path=layers_path, options=options)
     load_s = time.perf_counter() - t0
     stats = model.streamer_stats
     num_layers, resident = stats["num_layers"], set(stats["resident_layers"])
@@ -134,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         "num_layers": num_layers,
         "bandwidth_samples_gib_s": [before / GIB, after / GIB],
         "model": str(path),
+        "compression": args.compression,
+        "compress_s": compress_s,
         "size_gb": size / 1e9,
         "ram_gb": ram / 1e9,
         "cpu_count": os.cpu_count(),

@@ -10,6 +10,13 @@ and batch (1: decode, 8: a short prefill chunk), times one call of
 - `dequant+linear 8bit / 4bit g64`: `dequantize` to bf16 then F.linear (the fallback path, what a
   token would pay if the engine dequantized on the compute thread),
 
+and, with `--compile`, the alternatives the issue asked to try:
+
+- `compiled woq 8bit`: `torch.compile` of `F.linear(x, q.to(bf16)) * scale` (inductor's CPU
+  weight-only int8 pattern; about a minute of compiling per shape and batch),
+- `torchao int8wo`: torchao's `Int8WeightOnlyConfig` on an nn.Linear, when torchao imports (it is
+  not a dependency; its CPU int4 path calls the same `_weight_int4pack_mm_for_cpu` we call),
+
 and prints the median ms and the ratio to bf16 side by side. One thread by default (the budgeted
 machine has few cores; the kernels' ranking is what matters).
 
@@ -49,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
+    parser.add_argument(
+        "--compile", action="store_true", help="also torch.compile's and torchao's int8 paths"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -83,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(
                     (label, lambda x=x, p=p: F.linear(x, dequantize(p, dtype=torch.bfloat16)))
                 )
+            if args.compile:
+                cells += _alternatives(x, weight, packed["int8pack"])
             base = None
             for label, fn in cells:
                 ms = median_ms(fn, args.min_time)
@@ -91,6 +103,26 @@ def main(argv: list[str] | None = None) -> int:
                     f"{f'{out_f}x{in_f}':>16} {batch:>5} {label:>22} {ms:>10.3f} {ms / base:>7.2f}"
                 )
     return 0
+
+
+def _alternatives(
+    x: torch.Tensor, weight: torch.Tensor, packed
+) -> list[tuple[str, Callable[[], object]]]:
+    """torch.compile's weight-only int8 pattern and torchao's int8 weight-only linear."""
+    q, scale = packed.qweight, packed.scales
+    compiled = torch.compile(lambda x: F.linear(x, q.to(x.dtype)) * scale)
+    cells: list[tuple[str, Callable[[], object]]] = [("compiled woq 8bit", lambda: compiled(x))]
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        print("  (torchao not importable: its row is left out)")
+        return cells
+    linear = torch.nn.Sequential(torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+    linear[0].weight.data.copy_(weight.float())
+    linear = linear.to(torch.bfloat16)
+    quantize_(linear, Int8WeightOnlyConfig())
+    cells.append(("torchao int8wo", lambda: linear(x)))
+    return cells
 
 
 if __name__ == "__main__":
