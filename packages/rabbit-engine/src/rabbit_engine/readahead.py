@@ -49,6 +49,12 @@ def _address(mapping: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(mapping))
 
 
+def mapped_range(mapping: mmap.mmap) -> range:
+    """The addresses a map covers: whether a tensor's memory is a view of the file."""
+    start = _address(mapping)
+    return range(start, start + len(mapping))
+
+
 def unmap(spans: Iterable[MappedSpan]) -> None:
     """Drop our page-table entries for ranges whose bytes were copied elsewhere.
 

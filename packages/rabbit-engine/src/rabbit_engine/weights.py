@@ -33,7 +33,7 @@ from rabbit_engine.dtypes import SAFETENSORS_DTYPES
 from rabbit_engine.errors import WeightMismatchError
 from rabbit_engine.prequantized import quantizer_of
 from rabbit_engine.quant.mapping import CompressedLayers, Entry
-from rabbit_engine.readahead import mapped_spans, unmap
+from rabbit_engine.readahead import mapped_range, mapped_spans, unmap
 from rabbit_engine.staging import CudaStager
 from rabbit_store import CheckpointIndex, LayerReader, TensorInfo
 from rabbit_store.constants import TENSOR_ALIGNMENT
@@ -324,6 +324,7 @@ class WeightMap:
         files = {self.index.tensors[key].file for group in groups for key in group.keys}
         if not any(reader.is_local(file) for file in files):
             return  # remote reads already own their memory (CUDA tensors are skipped below)
+        maps = [mapped_range(m) for f in files if (m := reader.mapping(f)) is not None]
         copies: dict[int, torch.nn.Parameter | torch.Tensor] = {}
         originals = []  # alive until every holder is swapped, so their ids stay unique
         targets = (target for group in groups for target in group.targets.values())
@@ -331,6 +332,8 @@ class WeightMap:
             old = getattr(module, attr)
             if old.is_meta or old.device.type != "cpu" or id(old) in copies:
                 continue
+            if not any(old.data_ptr() in span for span in maps):
+                continue  # already our own memory (a cast, an alignment copy, a dequantization)
             originals.append(old)
             data = old.detach().clone()
             copies[id(old)] = (
