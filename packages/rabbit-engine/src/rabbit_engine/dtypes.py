@@ -25,6 +25,17 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+#: torch dtype -> its safetensors name (the inverse of SAFETENSORS_DTYPES).
+SAFETENSORS_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's raw little-endian bytes as a memoryview that keeps the tensor alive: the form
+    read bytes take everywhere in the engine (what `torch.frombuffer` turns back into tensors)."""
+    flat = tensor.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
 def checkpoint_dtype(index: CheckpointIndex) -> torch.dtype:
     """The floating dtype holding most of the checkpoint's bytes: the model's own dtype."""
     weights: Counter[str] = Counter()

@@ -21,15 +21,16 @@ from dataclasses import dataclass
 
 import torch
 
-from rabbit_engine.dtypes import SAFETENSORS_DTYPES
+from rabbit_engine.dtypes import SAFETENSORS_DTYPES, SAFETENSORS_NAMES, tensor_bytes
 from rabbit_engine.errors import WeightMismatchError
 from rabbit_engine.quant.compute import repack_int4
 from rabbit_engine.quant.dequant import dequantize
-from rabbit_engine.quant.int4_layout import current_int4_layout
+from rabbit_engine.quant.int4_layout import INT4_LAYOUTS, current_int4_layout
 from rabbit_engine.quant.linear import CompressedLinear
 from rabbit_engine.quant.packing import INT8_LAYOUT, PackedWeight, packed_specs
 from rabbit_store import CheckpointIndex, TensorInfo
-from rabbit_store.compression import CompressionRecord, packed_names
+from rabbit_store.compression import CompressionRecord, CompressionSchemeError, packed_names
+from rabbit_store.constants import MANIFEST_FILE
 
 __all__ = ["CompressedLayers", "Entry"]
 
@@ -82,6 +83,16 @@ class CompressedLayers:
         """Swap the linears that run packed into `model` (before its state dict is mapped)."""
         self = cls(record)
         scheme = record.scheme
+        known = (INT8_LAYOUT,) if scheme.bits == 8 else INT4_LAYOUTS
+        if record.layout not in known:
+            # Checked here, not when a layer is first read: an unknown byte order would otherwise
+            # fail in the prefetch thread (4-bit) or be read as int8:nk, i.e. wrong (8-bit).
+            raise CompressionSchemeError(
+                f"{index.source.location}/{MANIFEST_FILE}: compression field 'layout': "
+                f"{record.layout!r} is not a {scheme.name} layout this version reads (known: "
+                f"{', '.join(known)}); split the checkpoint again with this RabbitLLM",
+                field="layout",
+            )
         layout = INT8_LAYOUT if scheme.bits == 8 else current_int4_layout()
         for key, tensor in record.tensors.items():
             qname, sname = packed_names(key)
@@ -170,7 +181,7 @@ class CompressedLayers:
                 logical = TensorInfo(
                     packed.key,
                     info.file,
-                    _safetensors_dtype(packed.dtype),
+                    SAFETENSORS_NAMES[packed.dtype],
                     packed.shape,
                     info.offset,
                     0,  # not a span of any file: the bytes read are the two packed tensors'
@@ -187,11 +198,11 @@ class CompressedLayers:
             packed = self._dequant.get(name)
             if packed is not None:
                 weight = dequantize(self._packed(packed, raw), dtype=packed.dtype)
-                out[packed.key] = _bytes_of(weight)
+                out[packed.key] = tensor_bytes(weight)
                 continue
             packed = self._repack.get(name)
             if packed is not None:
-                out[name] = _bytes_of(repack_int4(self._packed(packed, raw)).qweight)
+                out[name] = tensor_bytes(repack_int4(self._packed(packed, raw)).qweight)
         return out
 
     @property
@@ -208,17 +219,3 @@ class CompressedLayers:
         return PackedWeight.from_tensors(
             self.record.scheme, packed.shape, self.record.layout, tensors, name=packed.key
         )
-
-
-_BY_TORCH = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-def _safetensors_dtype(dtype: torch.dtype) -> str:
-    return _BY_TORCH[dtype]
-
-
-def _bytes_of(tensor: torch.Tensor) -> memoryview:
-    """A tensor's bytes as a memoryview that keeps the tensor alive (the raw-bytes currency the
-    weight map reads)."""
-    flat = tensor.contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())

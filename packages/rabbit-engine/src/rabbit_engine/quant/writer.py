@@ -18,7 +18,12 @@ import torch
 from transformers import PretrainedConfig
 
 from rabbit_engine.config import load_config
-from rabbit_engine.dtypes import SAFETENSORS_DTYPES, checkpoint_dtype
+from rabbit_engine.dtypes import (
+    SAFETENSORS_DTYPES,
+    SAFETENSORS_NAMES,
+    checkpoint_dtype,
+    tensor_bytes,
+)
 from rabbit_engine.errors import InvalidOptionError
 from rabbit_engine.quant.int4_layout import current_int4_layout
 from rabbit_engine.quant.packing import INT8_LAYOUT, fits_kernel_shape, packed_specs, quantize
@@ -47,7 +52,6 @@ _SCALE_DTYPE_NAMES = {
     torch.float16: "float16",
     torch.float32: "float32",
 }
-_BY_TORCH = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 def scheme_for(
@@ -155,7 +159,7 @@ class CompressTransform:
             specs = packed_specs(self.scheme, tuple(info.shape))
             for name, part_name in zip(packed_names(info.name), ("qweight", "scales"), strict=True):
                 shape, dtype = specs[part_name]
-                planned.append(PlannedTensor(name, _BY_TORCH[dtype], tuple(shape)))
+                planned.append(PlannedTensor(name, SAFETENSORS_NAMES[dtype], tuple(shape)))
         # Sizes that keep the next tensor 64-byte aligned first (the data starts aligned), then
         # widest dtype first, as the safetensors writer does, so every tensor stays aligned to
         # its element size. The loader copies any packed tensor that still lands unaligned.
@@ -180,8 +184,8 @@ class CompressTransform:
             weight = _tensor(raw, info)
             packed = quantize(weight, self.scheme, name=info.name)
             qname, sname = packed_names(info.name)
-            data[qname] = _bytes_of(packed.qweight)
-            data[sname] = _bytes_of(packed.scales)
+            data[qname] = tensor_bytes(packed.qweight)
+            data[sname] = tensor_bytes(packed.scales)
         for planned in self.outputs(part, layer, infos) or ():
             yield data.pop(planned.name)
 
@@ -196,10 +200,6 @@ def _tensor(raw: memoryview | bytes, info: TensorInfo) -> torch.Tensor:
         warnings.filterwarnings("ignore", message=".*not writable.*")
         flat = torch.frombuffer(raw, dtype=SAFETENSORS_DTYPES[info.dtype])
     return flat.view(tuple(info.shape))
-
-
-def _bytes_of(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def compress_checkpoint(
