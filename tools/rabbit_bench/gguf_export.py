@@ -226,6 +226,14 @@ class GGUFCheckError(GGUFExportError):
     transformers computes from it."""
 
 
+#: How far llama.cpp's logits may be from transformers' on the same GGUF, as a share of the
+#: logits' standard deviation. Not zero: llama.cpp also quantizes the activations to 8 bits inside
+#: its Q8_0/Q4_0 dot products while transformers dequantizes the weights and computes in float32
+#: (measured on the 2 GB bench model, 20 layers: 0.037 x for BF16, 0.136 x for Q8_0, top-1 equal
+#: at every position). A wrong row order or block layout moves logits by about the spread itself.
+LOGIT_SPREAD_SHARE = 0.25
+
+
 def check_gguf(ckpt: Path, path: Path, kind: str, *, cache: Path, threads: int) -> dict:
     """Two independent checks of a written file, raising GGUFCheckError on either:
 
@@ -235,7 +243,7 @@ def check_gguf(ckpt: Path, path: Path, kind: str, *, cache: Path, threads: int) 
     2. llama.cpp's logits on a short prompt agree with transformers' on the same file: the same
        top-1 token at every position where transformers' top-2 margin exceeds twice the largest
        logit difference seen (where numerics alone could not flip it; at least one such position),
-       with that difference under a tenth of the logits' spread.
+       with that difference under a quarter of the logits' spread (LOGIT_SPREAD_SHARE).
     """
     import random
 
@@ -313,7 +321,11 @@ def check_gguf(ckpt: Path, path: Path, kind: str, *, cache: Path, threads: int) 
         "positions_decided": int(decided.sum()),
         "top1_agree": int(agree.sum()),
     }
-    if max_diff > 0.1 * spread or not bool(agree[decided].all()) or not bool(decided.any()):
+    if (
+        max_diff > LOGIT_SPREAD_SHARE * spread
+        or not bool(agree[decided].all())
+        or not bool(decided.any())
+    ):
         raise GGUFCheckError(
             f"{path}: llama.cpp's logits disagree with transformers' on the same file "
             f"(top-1 equal at {result['top1_agree']}/{len(ids)} positions, "
