@@ -10,6 +10,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from rabbit_engine.errors import UnsupportedModelError
+from rabbit_engine.prequantized import check_prequantized
 from rabbit_store.errors import InvalidCheckpointError, RabbitError
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def load_config(
             f"{source.location}/config.json names neither 'model_type' nor 'architectures'; "
             "it is not a transformers model config."
         )
-    _refuse_prequantized(source.location, data)
+    check_prequantized(source.location, data)
     if model_type in CONFIG_MAPPING and "auto_map" not in data:
         return CONFIG_MAPPING[model_type].from_dict(data)
     if not trust_remote_code and "auto_map" not in data:
@@ -73,22 +74,3 @@ def load_config(
     import os
 
     return AutoConfig.from_pretrained(os.path.dirname(local), trust_remote_code=True)
-
-
-def _refuse_prequantized(location: str, data: dict) -> None:
-    """A checkpoint saved already quantized (GPTQ, AWQ, bitsandbytes, fp8, compressed-tensors...)
-    stores packed integers and scales that only its transformers quantizer turns into weights.
-    The skeleton is built without one, so streaming would read the packed tensors as if they were
-    the weights (an fp8 checkpoint would even load, with its scales ignored: silently wrong
-    numbers). Refused by name until the engine runs transformers' quantizers."""
-    configs = [data, *(v for v in data.values() if isinstance(v, dict) and "model_type" in v)]
-    for config in configs:
-        quant = config.get("quantization_config")
-        if quant:
-            method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
-            raise UnsupportedModelError(
-                f"{location}/config.json: quantization_config (quant_method={method!r}): this "
-                "checkpoint was saved already quantized, and RabbitLLM does not stream "
-                "pre-quantized checkpoints yet (it would read the packed tensors as weights). Use "
-                "the checkpoint's unquantized original."
-            )

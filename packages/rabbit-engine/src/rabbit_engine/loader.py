@@ -12,6 +12,7 @@ from rabbit_engine.dtypes import checkpoint_dtype
 from rabbit_engine.layout import LayoutAdapter
 from rabbit_engine.model import streaming_class
 from rabbit_engine.options import StreamingOptions
+from rabbit_engine.prequantized import attach_quantizer, refuse_ignored_tensors
 from rabbit_engine.profiler import Profiler
 from rabbit_engine.skeleton import build_skeleton, causal_lm_class, move_buffers
 from rabbit_engine.staging import CudaStager
@@ -54,6 +55,7 @@ def load_streaming_model(
         dtype=dtype,
         attn_implementation=None if per_sub_model else attn,
     )
+    attach_quantizer(model, config, location=source.location, index=index)
     logger.info(
         "Model initialized with attn_implementation=%r",
         model.config.get_text_config()._attn_implementation,
@@ -71,6 +73,7 @@ def load_streaming_model(
         device=device,
         align=options.bit_exact,
     )
+    refuse_ignored_tensors(model, weight_map.unexpected, index)
     budget = resolve_budget(options.max_memory, device)
     resident = plan_residency(weight_map, len(layout.layers), budget, prefetch)
     profiler = Profiler(options.profile)

@@ -20,7 +20,7 @@ from transformers import PretrainedConfig
 
 from rabbit_engine.dtypes import checkpoint_dtype
 from rabbit_engine.errors import InvalidOptionError
-from rabbit_engine.quant.writer import compress_checkpoint, scheme_for
+from rabbit_engine.quant.writer import compress_checkpoint, scale_dtype_for
 from rabbit_store import CheckpointIndex, Source, open_source
 from rabbit_store.compression import CompressionScheme
 from rabbit_store.constants import MANIFEST_FILE, cache_root
@@ -73,10 +73,7 @@ def compressed_source(
     if compression is None:
         return source, index
     run_dtype = dtype or checkpoint_dtype(index)
-    scheme = scheme_for(
-        dataclasses.replace(compression, scale_dtype=scheme_for("8bit", run_dtype).scale_dtype),
-        run_dtype,
-    )
+    scheme = dataclasses.replace(compression, scale_dtype=scale_dtype_for(run_dtype))
     dest = compressed_cache_dir(index, scheme)
     if not _finished(dest, index, scheme):
         logger.info("compressing %s to %s once, into %s", source.location, scheme.name, dest)

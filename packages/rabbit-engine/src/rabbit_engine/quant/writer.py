@@ -25,6 +25,7 @@ from rabbit_engine.dtypes import (
     tensor_bytes,
 )
 from rabbit_engine.errors import InvalidOptionError
+from rabbit_engine.prequantized import is_prequantized
 from rabbit_engine.quant.int4_layout import current_int4_layout
 from rabbit_engine.quant.packing import INT8_LAYOUT, fits_kernel_shape, packed_specs, quantize
 from rabbit_engine.skeleton import build_skeleton, causal_lm_class
@@ -42,7 +43,13 @@ from rabbit_store.safetensors_header import DTYPE_BITS, tensor_nbytes
 from rabbit_store.split import split_checkpoint
 from rabbit_store.split.transform import PlannedTensor
 
-__all__ = ["CompressTransform", "compress_checkpoint", "compression_plan", "scheme_for"]
+__all__ = [
+    "CompressTransform",
+    "compress_checkpoint",
+    "compression_plan",
+    "scale_dtype_for",
+    "scheme_for",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +61,16 @@ _SCALE_DTYPE_NAMES = {
 }
 
 
+def scale_dtype_for(dtype: torch.dtype) -> str:
+    """Scales in the run dtype: the kernels want them so (a float64 run keeps float32 scales,
+    the widest the kernels take)."""
+    return _SCALE_DTYPE_NAMES.get(dtype, "float32")
+
+
 def scheme_for(
     compression: str | CompressionScheme, dtype: torch.dtype, *, group_size: int | None = None
 ) -> CompressionScheme:
-    """The scheme a run in `dtype` uses: scales in the run dtype (the kernels want them so; a
-    float64 run keeps float32 scales, the widest the kernels take)."""
+    """The scheme a run in `dtype` uses; a given scheme is taken as it is."""
     if isinstance(compression, CompressionScheme):
         if group_size is not None and group_size != compression.group_size:
             raise InvalidOptionError(
@@ -66,8 +78,7 @@ def scheme_for(
                 option="group_size",
             )
         return compression
-    scale_dtype = _SCALE_DTYPE_NAMES.get(dtype, "float32")
-    return parse_compression(compression, group_size=group_size, scale_dtype=scale_dtype)
+    return parse_compression(compression, group_size=group_size, scale_dtype=scale_dtype_for(dtype))
 
 
 def compression_plan(
@@ -239,6 +250,13 @@ def compress_checkpoint(
             option="compression",
         )
     config = config or load_config(src, trust_remote_code=trust_remote_code)
+    if is_prequantized(config):
+        raise InvalidOptionError(
+            f"{src.location}/config.json has a quantization_config: the checkpoint is already "
+            "quantized; compression= needs its unquantized original (or load it without "
+            "compression=, which streams it as saved).",
+            option="compression",
+        )
     run_dtype = dtype or checkpoint_dtype(index)
     scheme = scheme_for(compression, run_dtype, group_size=group_size)
     skeleton = build_skeleton(
