@@ -16,7 +16,11 @@ from rabbit_engine.lazy import lazy_exports
 if TYPE_CHECKING:
     from rabbit_engine.quant.compute import kernel_fits, quantized_linear, repack_int4
     from rabbit_engine.quant.dequant import dequantize, int4_codes
-    from rabbit_engine.quant.int4_layout import current_int4_layout, unpack_int4_codes
+    from rabbit_engine.quant.int4_layout import (
+        current_int4_layout,
+        pack_int4_codes_as,
+        unpack_int4_codes,
+    )
     from rabbit_engine.quant.linear import CompressedLinear
     from rabbit_engine.quant.packing import INT8_LAYOUT, PackedWeight, quantize
     from rabbit_engine.quant.writer import compress_checkpoint
@@ -40,6 +44,7 @@ _EXPORTS = {
     "PackedWeight": f"{__name__}.packing",
     "quantize": f"{__name__}.packing",
     "current_int4_layout": f"{__name__}.int4_layout",
+    "pack_int4_codes_as": f"{__name__}.int4_layout",
     "unpack_int4_codes": f"{__name__}.int4_layout",
     "dequantize": f"{__name__}.dequant",
     "int4_codes": f"{__name__}.dequant",
@@ -64,6 +69,7 @@ __all__ = [
     "dequantize",
     "int4_codes",
     "kernel_fits",
+    "pack_int4_codes_as",
     "parse_compression",
     "quantize",
     "quantized_linear",

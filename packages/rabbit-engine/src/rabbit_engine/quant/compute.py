@@ -66,7 +66,14 @@ def quantized_linear(
     if x2.shape[0] == 0:
         y = x2.new_zeros(0, packed.out_features)
     elif packed.scheme.bits == 8:
-        y = torch.ops.aten._weight_int8pack_mm(x2, packed.qweight, scales)
+        qweight = packed.qweight
+        if compute == torch.bfloat16:
+            operands = _bf16_int8_operands(x2, qweight)
+            if operands is None:  # exact casts; fp32's kernel is ~12x slower, but this is rare
+                x2, scales = x2.to(torch.float32), scales.to(torch.float32)
+            else:
+                x2, qweight = operands
+        y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales)
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2, packed.qweight, packed.scheme.group_size, scales
@@ -75,6 +82,30 @@ def quantized_linear(
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.view(*lead, packed.out_features)
+
+
+def _bf16_int8_operands(
+    x2: torch.Tensor, qweight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x2, qweight) as torch's bf16 int8 kernel can take them, copied where misaligned; None
+    where it cannot run at all.
+
+    Measured on torch 2.13 (AVX512): `_weight_int8pack_mm` in bfloat16 returns wrong numbers for
+    in_features not a multiple of 16 (and segfaults from 4 rows of x on), and segfaults when an
+    activation row does not start on 32 bytes or, from 4 rows of x on, when a weight row does not
+    start on 16 bytes; fp32 and fp16 take any shape and alignment. A split's packed tensors sit
+    wherever the safetensors layout puts them (often 8 bytes off). The copies are fresh (64-byte
+    aligned) allocations: the activation is small, and the weight is copied only for a prompt
+    (4+ rows), where the copy costs ~1x the kernel at 16 rows while running the fp32 kernel
+    instead would cost ~35x (2048x5632, one thread).
+    """
+    if x2.shape[1] % 16:
+        return None
+    if x2.data_ptr() % 32 or (x2.shape[0] > 1 and x2.stride(0) % 16):
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    if x2.shape[0] >= 4 and qweight.data_ptr() % 16:
+        qweight = qweight.clone()
+    return x2, qweight
 
 
 def repack_int4(packed: PackedWeight) -> PackedWeight:

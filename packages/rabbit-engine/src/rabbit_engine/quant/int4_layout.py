@@ -22,9 +22,11 @@ import torch
 from rabbit_engine.errors import InvalidOptionError
 
 __all__ = [
+    "INT4_LAYOUTS",
     "INT4_LAYOUT_PREFIX",
     "current_int4_layout",
     "pack_int4_codes",
+    "pack_int4_codes_as",
     "unpack_int4_codes",
 ]
 
@@ -36,6 +38,8 @@ _BLOCKS: dict[str, tuple[int, bool]] = {
     "AVX2": (32, True),
     "DEFAULT": (32, False),
 }
+#: Every int4 layout tag this version reads (and repacks to this CPU's).
+INT4_LAYOUTS: tuple[str, ...] = tuple(INT4_LAYOUT_PREFIX + c for c in _BLOCKS)
 
 
 def current_int4_layout() -> str:
@@ -51,8 +55,30 @@ def pack_int4_codes(codes: torch.Tensor) -> tuple[torch.Tensor, str]:
     return packed, current_int4_layout()
 
 
-def unpack_int4_codes(packed: torch.Tensor, layout: str) -> torch.Tensor:
-    """uint8 [N, K/2] in `layout` -> the codes [N, K] as uint8 (0..15); the inverse of packing."""
+def pack_int4_codes_as(codes: torch.Tensor, layout: str) -> torch.Tensor:
+    """codes [N, K] (values 0..15) -> uint8 [N, K/2] in `layout`, whatever this CPU's is.
+
+    The inverse of `unpack_int4_codes`, without torch's op (which only packs for the capability it
+    runs under): what a split written on another CPU holds, for tools and tests of repacking.
+    """
+    block_n, halves = _blocks(layout)
+    n, k = codes.shape
+    if k % 2 or n % 16:
+        raise ValueError(f"int4 codes of shape {(n, k)}: N must be a multiple of 16 and K even")
+    codes = codes.to(torch.uint8)
+    blocks = []
+    for start in range(0, n, block_n):
+        nb = min(block_n, n - start)
+        rows = codes[start : start + nb].t()  # [K, nb]: one byte row per input feature
+        if halves and nb == block_n:
+            low, high = rows[:, : nb // 2], rows[:, nb // 2 :]
+        else:
+            low, high = rows[:, 0::2], rows[:, 1::2]
+        blocks.append((low | high << 4).reshape(-1))
+    return torch.cat(blocks).view(n, k // 2).contiguous()
+
+
+def _blocks(layout: str) -> tuple[int, bool]:
     capability = layout.removeprefix(INT4_LAYOUT_PREFIX)
     if not layout.startswith(INT4_LAYOUT_PREFIX) or capability not in _BLOCKS:
         raise InvalidOptionError(
@@ -60,7 +86,12 @@ def unpack_int4_codes(packed: torch.Tensor, layout: str) -> torch.Tensor:
             f"{', '.join(INT4_LAYOUT_PREFIX + c for c in _BLOCKS)})",
             option="layout",
         )
-    block_n, halves = _BLOCKS[capability]
+    return _BLOCKS[capability]
+
+
+def unpack_int4_codes(packed: torch.Tensor, layout: str) -> torch.Tensor:
+    """uint8 [N, K/2] in `layout` -> the codes [N, K] as uint8 (0..15); the inverse of packing."""
+    block_n, halves = _blocks(layout)
     n, half_k = packed.shape
     k = half_k * 2
     flat = packed.reshape(-1)

@@ -27,7 +27,12 @@ from rabbit_engine.quant.compute import repack_int4
 from rabbit_engine.quant.dequant import dequantize
 from rabbit_engine.quant.int4_layout import INT4_LAYOUTS, current_int4_layout
 from rabbit_engine.quant.linear import CompressedLinear
-from rabbit_engine.quant.packing import INT8_LAYOUT, PackedWeight, packed_specs
+from rabbit_engine.quant.packing import (
+    INT8_LAYOUT,
+    PackedWeight,
+    fits_kernel_shape,
+    packed_specs,
+)
 from rabbit_store import CheckpointIndex, TensorInfo
 from rabbit_store.compression import CompressionRecord, CompressionSchemeError, packed_names
 from rabbit_store.constants import MANIFEST_FILE
@@ -107,6 +112,7 @@ class CompressedLayers:
                     f"{index.tensors[qname].file}: compressed tensor {key!r} records dtype "
                     f"{tensor.dtype}, which torch cannot load."
                 )
+            _check_stored(index, record, key)
             packed = _Packed(
                 key, qname, sname, tuple(tensor.shape), SAFETENSORS_DTYPES[tensor.dtype]
             )
@@ -219,3 +225,26 @@ class CompressedLayers:
         return PackedWeight.from_tensors(
             self.record.scheme, packed.shape, self.record.layout, tensors, name=packed.key
         )
+
+
+def _check_stored(index: CheckpointIndex, record: CompressionRecord, key: str) -> None:
+    """The two stored tensors of `key` must be what its recorded shape packs to: a record that
+    disagrees with its files would otherwise fail deep in the prefetch thread at the first token
+    (a bare RuntimeError from a view), or be read as another shape."""
+    scheme, shape = record.scheme, tuple(record.tensors[key].shape)
+    where = f"{index.source.location}/{MANIFEST_FILE}"
+    if len(shape) not in (2, 3) or not fits_kernel_shape(scheme, shape):
+        raise WeightMismatchError(
+            f"{where}: compressed tensor {key!r} records shape {list(shape)}, which "
+            f"{scheme.name} cannot pack; the manifest is damaged: write the split again."
+        )
+    specs = packed_specs(scheme, shape)
+    for (want_shape, want_dtype), name in zip(specs.values(), packed_names(key), strict=True):
+        info = index.tensors[name]
+        want = (SAFETENSORS_NAMES[want_dtype], tuple(want_shape))
+        if (info.dtype, tuple(info.shape)) != want:
+            raise WeightMismatchError(
+                f"{info.file}: {name!r} is {info.dtype} {list(info.shape)}, but {where} records "
+                f"{key!r} as {list(shape)}, which {scheme.name} stores as {want[0]} "
+                f"{list(want[1])}; the split and its manifest disagree: write the split again."
+            )
