@@ -94,7 +94,8 @@ def _compressed_split(args: argparse.Namespace, console: Any) -> int:
     manifest = compress_checkpoint(
         args.source,
         args.dest,
-        scheme,
+        args.compression,  # a string: its scales get the run dtype (a parsed scheme keeps bf16)
+        group_size=scheme.group_size,
         dtype=dtype,
         progress=not args.quiet,
         token=args.token,
