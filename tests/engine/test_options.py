@@ -106,4 +106,5 @@ def test_compression_spellings_and_group_size():
     four = StreamingOptions.create(compression="int4", group_size=128)
     assert four.compression.name == "4bit-g128"
     # a group size given over a base keeps the base's bits
-    assert StreamingOptions.from_kwargs({"group_size": 64}, base=four).compression.name == "4bit-g64"
+    regrouped = StreamingOptions.from_kwargs({"group_size": 64}, base=four)
+    assert regrouped.compression.name == "4bit-g64"
