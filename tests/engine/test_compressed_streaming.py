@@ -295,6 +295,22 @@ def test_a_compressed_split_of_another_model_is_refused(tmp_path, llama_src, oth
     assert f"{dst}/{MANIFEST_FILE}" in str(info.value)
 
 
+def test_a_compressed_split_of_another_checkpoint_of_the_same_architecture_is_refused(
+    tmp_path, llama_src
+):
+    """A fine-tune has the same names, shapes and dtypes (the same layout fingerprint): the
+    split's copied norms give it away."""
+    other_src = save_checkpoint(tiny("llama", seed=7), tmp_path / "finetune", sharded=True)
+    dst = tmp_path / "finetune-split"
+    compress_checkpoint(other_src, dst, "8bit", progress=False)
+    with pytest.raises(WeightMismatchError, match="other weights") as info:
+        AutoModel.from_pretrained(llama_src, layers_path=dst, dtype=F32)
+    assert f"{dst}/{MANIFEST_FILE}" in str(info.value) and "norm" in str(info.value)
+    # its own split still loads
+    with AutoModel.from_pretrained(other_src, layers_path=dst, dtype=F32):
+        pass
+
+
 def test_a_compressed_split_is_written_to_and_streamed_from_s3(tmp_path, s3, llama_src):
     url = f"s3://{s3['bucket']}/split-4bit"
     manifest = compress_checkpoint(

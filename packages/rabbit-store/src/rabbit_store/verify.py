@@ -19,12 +19,15 @@ import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .compression import CompressionSchemeError
 from .constants import HASH_CHUNK, INDEX_FILE, MANIFEST_FILE, PARTIAL_MANIFEST_FILE
 from .errors import HeaderError, ManifestNotFoundError, SplitCorruptedError
 from .manifest import FileEntry, Manifest, load_manifest
+
+if TYPE_CHECKING:  # index.py imports this module
+    from .index import CheckpointIndex
 from .safetensors_header import LENGTH_BYTES, parse_header, parse_length
 from .sources import Source
 
@@ -134,6 +137,40 @@ def sha256_problems(source: Source, manifest: Manifest, files: Sequence[str]) ->
     """Loading's optional checksum pass (verify_checksums=True): every byte read once."""
     found = {f: sha256_problem(e, file_sha256(source, f)) for f, e in _entries(manifest, files)}
     return {f: p for f, p in found.items() if p}
+
+
+#: How many of the smallest tensors `differing_copies` compares (norms, mostly: a few KB).
+COPIES_COMPARED = 8
+
+
+def differing_copies(original: CheckpointIndex, split: CheckpointIndex) -> list[str]:
+    """Names of small tensors the split copied byte for byte whose bytes differ from the
+    original's: a split of another checkpoint of the same architecture (a fine-tune) has the same
+    names, shapes and dtypes (and so the same layout fingerprint), but other norms.
+
+    Compares the `COPIES_COMPARED` smallest non-empty tensors present in both with the same dtype
+    and shape (a few KB read from each side); empty when they all agree.
+    """
+    common = [
+        (info, split.tensors[name])
+        for name, info in original.tensors.items()
+        if info.nbytes
+        and name in split.tensors
+        and (split.tensors[name].dtype, split.tensors[name].shape) == (info.dtype, info.shape)
+    ]
+    common.sort(key=lambda pair: (pair[0].nbytes, pair[0].name))
+    common = common[:COPIES_COMPARED]
+    if not common:
+        return []
+    mine = original.source.cat_ranges(
+        [a.file for a, _ in common], [a.offset for a, _ in common], [a.end for a, _ in common]
+    )
+    theirs = split.source.cat_ranges(
+        [b.file for _, b in common], [b.offset for _, b in common], [b.end for _, b in common]
+    )
+    return [
+        a.name for (a, _), x, y in zip(common, mine, theirs, strict=True) if bytes(x) != bytes(y)
+    ]
 
 
 def corrupted(location: str, problems: dict[str, str]) -> SplitCorruptedError:

@@ -20,6 +20,7 @@ from rabbit_models.support import refuse_unsupported
 from rabbit_store import CheckpointIndex, open_source
 from rabbit_store.constants import MANIFEST_FILE, cache_root
 from rabbit_store.errors import CheckpointNotFoundError
+from rabbit_store.verify import differing_copies
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,14 @@ def _check_split_of(source, index: CheckpointIndex) -> None:
             f"{index.source.location}/{MANIFEST_FILE}: this compressed split was written from "
             f"{manifest.source}, not from the checkpoint at {source.location} (their fingerprints "
             "differ); compress this checkpoint (rabbit split --compression) or pass its own split."
+        )
+    differing = differing_copies(own, index)
+    if differing:
+        raise WeightMismatchError(
+            f"{index.source.location}/{MANIFEST_FILE}: this compressed split has the layout of the "
+            f"checkpoint at {source.location} but other weights ({', '.join(differing[:3])} "
+            "differ byte for byte): it is a split of another checkpoint of this architecture; "
+            "compress this checkpoint or pass its own split."
         )
 
 
