@@ -21,12 +21,16 @@ def load_config(
     *,
     trust_remote_code: bool = False,
     refuse: Callable[[str | None], None] | None = None,
+    translate: Callable[[dict, str], PretrainedConfig | None] | None = None,
 ) -> PretrainedConfig:
     """config.json -> transformers config; remote code only when the caller asked for it.
 
     `refuse(model_type)` is called with the raw model_type before transformers parses anything:
     the facade passes rabbit_models' support check, so a refused family is refused for its real
-    reason even when its config would not parse here (the engine cannot import rabbit_models)."""
+    reason even when its config would not parse here (the engine cannot import rabbit_models).
+    `translate(data, location)`, unless remote code was asked for, may turn the raw config of a
+    family whose checkpoints ship their own code into the config of a transformers class that
+    computes the same model (rabbit_models.remote), or return None to go on as usual."""
     if not source.exists("config.json"):
         raise InvalidCheckpointError(
             f"{source.location}: no config.json; point at a model directory (the one with "
@@ -49,6 +53,10 @@ def load_config(
             "it is not a transformers model config."
         )
     check_prequantized(source.location, data)
+    if translate is not None and not trust_remote_code:
+        translated = translate(data, source.location)
+        if translated is not None:
+            return translated
     if model_type in CONFIG_MAPPING and "auto_map" not in data:
         return CONFIG_MAPPING[model_type].from_dict(data)
     if not trust_remote_code and "auto_map" not in data:

@@ -65,6 +65,8 @@ def load_streaming_model(
             source.read_json("generation_config.json")
         )
     layout = adapter.layout(model)
+    # a family adapter's key renamings and fused-tensor splits (rabbit_models.remote)
+    conversions = getattr(adapter, "weight_conversions", None)
     weight_map = WeightMap(
         model,
         index,
@@ -72,6 +74,7 @@ def load_streaming_model(
         num_layers=len(layout.layers),
         device=device,
         align=options.bit_exact,
+        extra_conversions=conversions(model, index) if conversions is not None else (),
     )
     refuse_ignored_tensors(model, weight_map.unexpected, index)
     budget = resolve_budget(options.max_memory, device)

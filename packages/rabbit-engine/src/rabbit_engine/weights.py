@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -128,13 +128,19 @@ class WeightMap:
         num_layers: int,
         device: torch.device,
         align: bool = False,
+        extra_conversions: Sequence[WeightRenaming | WeightConverter] = (),
     ) -> None:
+        """`extra_conversions` go before transformers' own mapping for the model: a family
+        adapter's renamings and splits of keys transformers does not know."""
         self.model = model
         self.index = index
         self.device = device
         self.align = align
         self.groups: dict[int, Group] = {gid: Group(gid) for gid in [RESIDENT, *range(num_layers)]}
-        self._mapping = get_model_conversion_mapping(model, hf_quantizer=quantizer_of(model))
+        self._mapping = [
+            *extra_conversions,
+            *get_model_conversion_mapping(model, hf_quantizer=quantizer_of(model)),
+        ]
         converters = [t for t in self._mapping if isinstance(t, WeightConverter)]
         by_pattern = {p: c for c in converters for p in c.source_patterns}
         meta_sd = model.state_dict(keep_vars=True)
