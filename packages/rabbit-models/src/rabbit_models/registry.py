@@ -24,5 +24,10 @@ def adapter_for(config: PretrainedConfig) -> LayoutAdapter:
     calls this right after reading config.json, so a refused model fails before any weight file is
     opened.
     """
+    from rabbit_models.remote import remote_adapter
+
+    remote = remote_adapter(config)  # a config translated from a remote-code family
+    if remote is not None:
+        return remote
     check_supported(config)
     return _ADAPTERS.get(config.model_type, _GENERIC)

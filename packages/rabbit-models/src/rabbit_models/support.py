@@ -51,6 +51,7 @@ class ModelSupport:
     checks: tuple[str, ...] = ()  # the parity checks a tiny checkpoint of this type passed
     min_transformers: str = OLDEST_TRANSFORMERS  # the first transformers it was verified on
     extra_reads: str = ""  # non-empty: why a token costs more than one read per layer
+    adapter: str = ""  # a remote-code family: what rabbit_models.remote translates it into
 
 
 def _ok(
@@ -218,6 +219,58 @@ _ROWS: list[ModelSupport] = [
 ]
 
 
+#: What a remote-code family's tiny checkpoint was compared on: the original upstream code's
+#: float32 logits at every prompt position and cached decode step, and its greedy ids, loaded from
+#: the original shards and from a split (tests/models/test_remote_code_families.py).
+REMOTE_CHECKS = ("logits", "decode", "greedy", "split")
+_ORIGINAL = "checked against the original code's outputs (../shared/fixtures/remote-code)"
+
+
+def _remote(model_type: str, adapter: str, reason: str) -> ModelSupport:
+    return ModelSupport(model_type, True, reason, REMOTE_CHECKS, OLDEST_TRANSFORMERS, "", adapter)
+
+
+# Families whose hub checkpoints ship their own modeling code (model_types transformers does not
+# know): streamed natively by rabbit_models.remote, with trust_remote_code=False.
+_REMOTE_ROWS: list[ModelSupport] = [
+    _remote(
+        "internlm",
+        "llama with q/k/v/o biases (config `bias`); keys as stored",
+        f"InternLM v1, {_ORIGINAL}; a `rotary` of type 'dynamic' (later revisions) is exact up "
+        "to max_position_embeddings and longer sequences are refused",
+    ),
+    _remote(
+        "internlm2",
+        "llama; wqkv split per KV group, feed_forward w1/w3/w2 as gate/up/down",
+        f"InternLM2 and 2.5, {_ORIGINAL}; rope_scaling 'dynamic' is exact up to "
+        "max_position_embeddings and longer sequences are refused; 'linear' is transformers' "
+        "linear scaling (checked on a variant, not against the original code)",
+    ),
+    _remote(
+        "qwen",
+        "qwen2; c_attn split into q/k/v, mlp w2/w1/c_proj as gate/up/down",
+        f"QWen v1, {_ORIGINAL}; dynamic NTK and logN scaling (use_dynamic_ntk, use_logn_attn) "
+        "act only past seq_length, so longer sequences are refused; no_bias=false and "
+        "rotary_pct<1 (no release uses them) are refused",
+    ),
+    _remote(
+        "baichuan",
+        "llama; W_pack split into q/k/v, Baichuan2's NormHead normalised once at load; ALiBi "
+        "models (no max_position_embeddings in config.json) run a registered ALiBi attention",
+        f"Baichuan2-7B (RoPE) and Baichuan2-13B (ALiBi), {_ORIGINAL}; Baichuan 1 (neither "
+        "z_loss_weight nor Baichuan2's 125696-token vocabulary: a plain head) is checked on a "
+        "variant against transformers' Llama, not against its original code",
+    ),
+    _remote(
+        "chatglm",
+        "glm; query_key_value split into q/k/v, dense_h_to_4h as gate_up",
+        f"ChatGLM2 and ChatGLM3, {_ORIGINAL}; rope_ratio (the 32k/128k checkpoints) is read as "
+        "rope base 10000*rope_ratio (checked on a variant, not against the original code); "
+        "ChatGLM-6B v1 is another architecture",
+    ),
+]
+
+
 def _table(rows: list[ModelSupport]) -> Mapping[str, ModelSupport]:
     table: dict[str, ModelSupport] = {}
     for row in rows:
@@ -228,11 +281,14 @@ def _table(rows: list[ModelSupport]) -> Mapping[str, ModelSupport]:
 
 
 SUPPORT: Mapping[str, ModelSupport] = _table(_ROWS)
+#: Remote-code families (not transformers types, so apart from SUPPORT, which mirrors
+#: transformers' causal-LM mapping and whose rows are checked against transformers' own models).
+REMOTE_SUPPORT: Mapping[str, ModelSupport] = _table(_REMOTE_ROWS)
 
 
 def support_for(model_type: str) -> ModelSupport | None:
     """The table's row for `model_type`, or None for a type it does not know."""
-    return SUPPORT.get(model_type)
+    return SUPPORT.get(model_type) or REMOTE_SUPPORT.get(model_type)
 
 
 def refuse_unsupported(model_type: str | None) -> None:
@@ -332,7 +388,24 @@ def markdown() -> str:
         "",
         "A model_type not in the table (a newer transformers) is tried, with a warning that it "
         "is unverified.",
+        "",
+        textwrap.fill(
+            "**Families whose checkpoints ship their own code**, streamed natively with "
+            "`trust_remote_code=False` (no code from the checkpoint runs; `rabbit_models.remote` "
+            "translates the config and maps the keys onto a transformers class, and the weights "
+            "stream from the original shards). Variants beyond the fixtures (other head counts, "
+            "KV groups, rope bases, biases on or off, sharded) are checked against transformers' "
+            "own model of the same function. Checked on transformers "
+            f"{OLDEST_TRANSFORMERS} and {VERIFIED_TRANSFORMERS}: " + ", ".join(REMOTE_CHECKS) + ".",
+            100,
+            break_on_hyphens=False,
+        ),
+        "",
+        "| model_type | streamed as | verified, and limits |",
+        "|---|---|---|",
     ]
+    for row in REMOTE_SUPPORT.values():
+        lines.append(f"| {row.model_type} | {row.adapter} | {row.reason} |")
     return "\n".join(lines)
 
 

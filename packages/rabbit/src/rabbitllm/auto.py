@@ -16,6 +16,7 @@ from rabbit_engine.options import StreamingOptions
 from rabbit_engine.pickle_import import convert_pickle_checkpoint, pickle_files
 from rabbit_engine.quant.cache import compressed_source
 from rabbit_models import adapter_for
+from rabbit_models.remote import translate_config
 from rabbit_models.support import refuse_unsupported
 from rabbit_store import CheckpointIndex, open_source
 from rabbit_store.constants import MANIFEST_FILE, cache_root
@@ -93,7 +94,12 @@ class AutoModel:
             storage_options=storage_options,
             local_cache=local_cache,
         )
-        config = load_config(src, trust_remote_code=trust_remote_code, refuse=refuse_unsupported)
+        config = load_config(
+            src,
+            trust_remote_code=trust_remote_code,
+            refuse=refuse_unsupported,
+            translate=translate_config,  # qwen, chatglm, baichuan, internlm(2) without their code
+        )
         adapter = adapter_for(config)  # refuses an unsupported family before any weight is read
         weights_src = src
         if layers_path is not None:

@@ -38,6 +38,7 @@ def open_model(spec: ModelSpec, *, trust_remote_code: bool = False) -> Any:
     a usable config.json or a family RabbitLLM refuses fails here, in a second, before the
     tokenizer is looked for, with the library's own message (a RabbitError)."""
     from rabbit_engine import load_config
+    from rabbit_models.remote import translate_config
     from rabbit_models.support import refuse_unsupported
     from rabbit_store import open_source
 
@@ -47,7 +48,12 @@ def open_model(spec: ModelSpec, *, trust_remote_code: bool = False) -> Any:
         token=spec.token,
         storage_options=spec.storage_options,
     )
-    load_config(source, trust_remote_code=trust_remote_code, refuse=refuse_unsupported)
+    load_config(
+        source,
+        trust_remote_code=trust_remote_code,
+        refuse=refuse_unsupported,
+        translate=translate_config,
+    )
     return source
 
 
