@@ -3,11 +3,14 @@
 The library works on token ids and never needs a tokenizer; the CLI does. For a local directory (or
 a hub repo, whose files `local_path` brings into the hub cache) transformers reads the tokenizer in
 place; for a remote store the few tokenizer files are copied into a temporary directory first.
+The families whose checkpoints ship their tokenizer as code (QWen v1, ChatGLM, Baichuan, InternLM)
+get a tokenizer built from their vocabulary file without that code (family_tokenizers).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 import tempfile
@@ -16,6 +19,12 @@ from typing import Any
 
 from rabbit_store.split import AUX_PATTERNS
 from rabbitllm.cli.errors import TokenizerNotFoundError
+from rabbitllm.cli.family_tokenizers import (
+    FamilyVocabulary,
+    family_vocabulary,
+    load_family_tokenizer,
+    missing_vocabulary_error,
+)
 from rabbitllm.cli.options import ModelSpec, RuntimeOptions
 
 logger = logging.getLogger(__name__)
@@ -75,30 +84,57 @@ def load_tokenizer(source: Any, *, trust_remote_code: bool = False) -> Any:
             "files); text commands need one. Pass a model that ships its tokenizer, or use the "
             "library on token ids: AutoModel.from_pretrained(...).generate(input_ids=...)."
         )
+    # the checkpoint's own tokenizer code is what --trust-remote-code asks for; otherwise a
+    # remote-code family's tokenizer is built from its vocabulary file
+    family = None if trust_remote_code else family_vocabulary(_model_type(source, names))
     local = [source.local_path(n) for n in names]
     if all(local) and len({os.path.dirname(p) for p in local}) == 1:
-        return _from_dir(os.path.dirname(local[0]), source.location, trust_remote_code)
+        return _from_dir(os.path.dirname(local[0]), source.location, trust_remote_code, family)
     with tempfile.TemporaryDirectory(prefix="rabbit-tokenizer-") as tmp:
         for name in names:
             Path(tmp, name).write_bytes(source.read_bytes(name))
-        return _from_dir(tmp, source.location, trust_remote_code)
+        return _from_dir(tmp, source.location, trust_remote_code, family)
 
 
-def _from_dir(folder: str, location: str, trust_remote_code: bool) -> Any:
+def _model_type(source: Any, names: list[str]) -> str | None:
+    """config.json's model_type (open_model has already checked that the config is usable)."""
+    if "config.json" not in names:
+        return None
+    try:
+        data = json.loads(source.read_bytes("config.json"))
+    except (OSError, ValueError):
+        return None
+    value = data.get("model_type") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _from_dir(
+    folder: str, location: str, trust_remote_code: bool, family: FamilyVocabulary | None = None
+) -> Any:
     from transformers import AutoTokenizer
 
     from rabbit_store.errors import RabbitError
 
+    if family is not None:
+        if os.path.isfile(os.path.join(folder, family.vocab_file)):
+            return load_family_tokenizer(folder, family, location)
+        if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            raise missing_vocabulary_error(family, location)
+        # a tokenizer.json that transformers may read (with a class of its own) comes next
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except RabbitError:
         raise
-    except (
-        Exception
-    ) as exc:  # transformers raises many types here; all mean "this tokenizer is unusable"
-        raise TokenizerNotFoundError(
-            f"the tokenizer of {location} could not be loaded: {type(exc).__name__}: {exc}"
-        ) from exc
+    except Exception as exc:  # transformers raises many types here; all mean "unusable"
+        if family is None:
+            raise _unusable(location, exc) from exc
+        raise missing_vocabulary_error(family, location) from exc
+
+
+def _unusable(location: str, exc: Exception) -> TokenizerNotFoundError:
+    return TokenizerNotFoundError(
+        f"the tokenizer of {location} could not be loaded: {type(exc).__name__}: {exc}"
+    )
 
 
 def load_model(spec: ModelSpec, runtime: RuntimeOptions) -> Any:

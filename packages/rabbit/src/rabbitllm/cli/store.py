@@ -9,6 +9,8 @@ options (--quiet, --debug, -v) are added to each where the store did not define 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from typing import Any
 
 from rabbitllm.cli.errors import UsageError
@@ -35,6 +37,76 @@ def add_parsers(
     split = subparsers.choices.get("split")
     if split is not None:
         _add_compression(split)
+    inspect = subparsers.choices.get("inspect")
+    if inspect is not None:
+        _add_family(inspect)
+
+
+def _add_family(parser: argparse.ArgumentParser) -> None:
+    """`rabbit inspect` also names the checkpoint's family and the adapter RabbitLLM streams it
+    with; the store's own inspect knows neither (it reads headers and never imports torch)."""
+    plain = parser.get_default("func")
+
+    def run(args: argparse.Namespace, console: Any) -> int:
+        code = plain(args, console)
+        if code == 0 and not args.json:
+            line = family_line(_config_of(args))
+            if line:
+                sys.stdout.flush()  # the store printed with print(); keep the order
+                console.result(line)
+        return code
+
+    parser.set_defaults(func=run)
+
+
+def _config_of(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The checkpoint's config.json, or None when it has none (a bare safetensors folder)."""
+    from rabbit_store import open_source
+    from rabbit_store.cli import parse_storage_options
+
+    source = open_source(
+        args.source,
+        revision=args.revision,
+        token=args.token,
+        storage_options=parse_storage_options(args.storage_option),
+    )
+    if "config.json" not in source.list_files():
+        return None
+    try:
+        data = json.loads(source.read_bytes("config.json"))
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def family_line(config: dict[str, Any] | None) -> str | None:
+    """The `family: ...` line for a model_type rabbit_models knows (its support table, or a
+    remote-code family it translates), else None."""
+    from transformers import PretrainedConfig
+
+    from rabbit_models.registry import adapter_for
+    from rabbit_models.remote import ADAPTERS, family_for
+    from rabbit_models.support import support_for
+
+    model_type = config.get("model_type") if config else None
+    if not isinstance(model_type, str):
+        return None
+    family = family_for(config)
+    if family is not None:
+        return (
+            f"family: {model_type} (the checkpoint's own code is not run; adapter "
+            f"{ADAPTERS[family.name].describe()})"
+        )
+    row = support_for(model_type)
+    if row is None:
+        return None
+    if not row.supported:
+        return f"family: {model_type} (not supported: {row.reason})"
+    probe = PretrainedConfig()
+    probe.model_type = model_type  # all adapter_for reads of a transformers family
+    adapter = type(adapter_for(probe))
+    name = f"{adapter.__module__}.{adapter.__qualname__}"
+    return f"family: {model_type} (transformers' own model; adapter {name})"
 
 
 def _add_compression(parser: argparse.ArgumentParser) -> None:
