@@ -182,9 +182,13 @@ def test_compression_of_a_prequantized_checkpoint_is_refused(
     else:
         model = build_model("gpt_oss", dtype=torch.bfloat16, seed=0)
         path = write_mxfp4_checkpoint(model, tmp_path / "ckpt", sharded=False)
-    with pytest.raises(InvalidOptionError, match="config.json has a quantization_config") as info:
+    # Where this transformers cannot run the quantizer at all (fp8 on 5.0 needs triton), that
+    # refusal, naming config.json, comes first; otherwise compression= itself is refused.
+    with pytest.raises((InvalidOptionError, UnsupportedModelError), match="config.json") as info:
         AutoModel.from_pretrained(path, compression="8bit")
-    assert info.value.option == "compression"
+    if isinstance(info.value, InvalidOptionError):
+        assert info.value.option == "compression"
+        assert "has a quantization_config" in str(info.value)
     assert not (tmp_path / "cache" / "compressed").exists() or not any(
         (tmp_path / "cache" / "compressed").iterdir()
     )
