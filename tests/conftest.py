@@ -4,6 +4,7 @@ per test, reached through s3fs with plain storage_options."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -52,3 +53,14 @@ def s3(
     fs.mkdir(bucket)
     yield {"options": options, "fs": fs, "bucket": bucket}
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def isolated_logging():
+    """main() installs its own root handler; give the root logger back to pytest afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.captureWarnings(False)

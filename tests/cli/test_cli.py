@@ -237,17 +237,6 @@ def subprocess_errors(default_model_cache, error_dirs):
     return {name: finish(proc) for name, proc in procs.items()}
 
 
-@pytest.fixture
-def isolated_logging():
-    """main() installs its own root handler; give the root logger back to pytest afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
-
-
 def _check_one_line_error(returncode: int, stdout: str, stderr: str, expected: str) -> None:
     assert returncode == 2, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.strip()]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 import random
 import shutil
 from pathlib import Path
@@ -449,17 +448,6 @@ def test_other_model_types_keep_autotokenizer(tmp_path):
 
 
 # ---- `rabbit inspect` names the family and its adapter -------------------------------------------
-@pytest.fixture
-def isolated_logging():
-    """main() installs its own root handler; give the root logger back to pytest afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
-
-
 def _inspect(folder: Path, capsys, *extra: str) -> str:
     from rabbitllm.cli import main
 

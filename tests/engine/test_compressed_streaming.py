@@ -489,17 +489,6 @@ def _with_tokenizer(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def isolated_logging():
-    """main() installs its own root handler; give the root logger back to pytest afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
-
-
 def _rabbit(args: list[str], capsys) -> tuple[int, str, str]:
     from rabbitllm.cli import main
 
