@@ -9,7 +9,9 @@ __all__ = [
     "InvalidOptionError",
     "MemoryBudgetError",
     "PickleRefusedError",
+    "QueueFullError",
     "RabbitError",
+    "SchedulerClosedError",
     "UnsupportedModelError",
     "WeightMismatchError",
 ]
@@ -29,3 +31,11 @@ class MemoryBudgetError(RabbitError):
 
 class PickleRefusedError(RabbitError):
     """The checkpoint is pickle-only and the caller did not opt in with allow_pickle=True."""
+
+
+class QueueFullError(RabbitError):
+    """The batch scheduler already holds as many waiting requests as it was told to queue."""
+
+
+class SchedulerClosedError(RabbitError):
+    """The batch scheduler was closed (shutdown) and takes no more requests."""

@@ -36,6 +36,7 @@ class StreamingModelMixin:
             "resident_layers": sorted(s.resident_layers),
             "prefetch": s.prefetch,
             "max_loaded_layers": s.max_loaded,
+            "passes": s.passes,
         }
 
     def profile_report(self) -> dict:

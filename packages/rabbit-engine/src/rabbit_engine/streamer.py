@@ -46,6 +46,8 @@ class LayerStreamer:
         self.prefetch = max(0, min(prefetch, self.num_layers - 1))
         self.profiler = profiler
         self.max_loaded = 0  # the most decoder layers that held real weights at once
+        # Streamed passes so far: what speculative decoding and batching divide tokens by.
+        self.passes = 0
         self.prefetcher: Prefetcher = choose_prefetcher(
             weight_map, reader, profiler, prefetch=self.prefetch, stager=stager
         )
@@ -87,6 +89,7 @@ class LayerStreamer:
     # ---- the per-token path ------------------------------------------------------------------
     def _before(self, i: int, module: torch.nn.Module, args: Any) -> None:
         if i == self._first_streamed:
+            self.passes += 1
             self.prefetcher.begin_pass()
         self.prefetcher.acquire(i)
         self._loaded.add(i)
