@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rabbit_engine.batching import BatchScheduler, SamplingParams
+from rabbit_engine.batching.cost import StepCost
 from rabbit_engine.batching.draft import DraftModel
 from rabbit_engine.errors import InvalidOptionError, QueueFullError, SchedulerClosedError
 from rabbitllm import AutoModel
@@ -85,6 +86,32 @@ def test_requests_join_and_leave_mid_flight(streamed):
             assert h.wait(120)
     assert [h.output_ids for h in first + rest] == expected
     assert sched.stats["active"] == 0
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["same-pass", "own-pass"])
+def test_joiners_prefill_in_the_shared_pass_or_their_own(streamed, separate):
+    ref, model = streamed
+    long_prompt = list(range(2, 60))
+    expected = [reference_tokens(ref, p, 16) for p in (PROMPTS[0], long_prompt, PROMPTS[1])]
+    with scheduler(model, separate_prefill=separate) as sched:
+        first = sched.submit(PROMPTS[0], greedy(16))
+        next(iter(first))
+        joiners = [sched.submit(long_prompt, greedy(16)), sched.submit(PROMPTS[1], greedy(16))]
+        for h in [first, *joiners]:
+            assert h.wait(120)
+    assert [h.output_ids for h in [first, *joiners]] == expected
+    assert [h.passes for h in [first, *joiners]] == [len(e) for e in expected]
+    assert (sched.stats["separate_prefills"] >= 1) == separate
+
+
+def test_step_cost_fit():
+    cost = StepCost()
+    assert cost.estimate() is None and not cost.separate_pass_pays(100)
+    for positions in (16, 16, 256, 16, 128):
+        cost.observe(positions, 0.5 + 0.01 * positions)
+    fixed, per_position = cost.estimate()
+    assert fixed == pytest.approx(0.5) and per_position == pytest.approx(0.01)
+    assert cost.separate_pass_pays(60) and not cost.separate_pass_pays(40)
 
 
 def test_events_stream_each_token_once_and_end_with_the_reason(streamed):

@@ -68,6 +68,32 @@ class BatchRows:
                 pad = old.new_zeros(count, *old.shape[1:])
                 setattr(layer, name, torch.cat([old, pad]))
 
+    def merge(self, other: BatchRows) -> None:
+        """Append `other`'s rows (sequences prefilled in a pass of their own); the one with fewer
+        columns gets holes on the left."""
+        if other.size == 0:
+            return
+        if self.size == 0:
+            self.cache, self.mask = other.cache, other.mask
+            return
+        width = max(self.columns, other.columns)
+        self._pad_left(width - self.columns)
+        other._pad_left(width - other.columns)
+        self.mask = torch.cat([self.mask, other.mask])
+        for mine, theirs in zip(self._layers(), other._layers(), strict=True):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+
+    def _pad_left(self, count: int) -> None:
+        if count == 0:
+            return
+        self.mask = torch.cat([self.mask.new_zeros(self.size, count), self.mask], dim=1)
+        for layer in self._layers():
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                pad = old.new_zeros(old.shape[0], old.shape[1], count, *old.shape[3:])
+                setattr(layer, name, torch.cat([pad, old], dim=2))
+
     def keep_rows(self, keep: list[int]) -> None:
         if len(keep) == self.size:
             return

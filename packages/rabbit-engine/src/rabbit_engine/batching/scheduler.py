@@ -18,10 +18,12 @@ import inspect
 import itertools
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
 
+from rabbit_engine.batching.cost import StepCost
 from rabbit_engine.batching.draft import DraftModel
 from rabbit_engine.batching.lookup import propose
 from rabbit_engine.batching.repetition import repeating_tail, window
@@ -49,7 +51,12 @@ class _Sequence:
 
 
 class BatchScheduler:
-    """Serves `submit`ted requests on `model` from a background thread until `close()`."""
+    """Serves `submit`ted requests on `model` from a background thread until `close()`.
+
+    `separate_prefill`: True feeds joining prompts in a pass of their own, False always in the
+    shared pass; None (default) decides each time from the measured step costs (`cost.py`).
+    `draft`: a resident `DraftModel` whose proposals greedy requests verify in the shared pass.
+    """
 
     def __init__(
         self,
@@ -61,6 +68,7 @@ class BatchScheduler:
         tokenizer=None,
         pad_token_id: int | None = None,
         draft: DraftModel | None = None,
+        separate_prefill: bool | None = None,
     ) -> None:
         if max_batch < 1:
             raise InvalidOptionError(f"max_batch={max_batch!r}: must be at least 1")
@@ -76,6 +84,8 @@ class BatchScheduler:
         text_config = model.config.get_text_config()
         self.max_context: int | None = getattr(text_config, "max_position_embeddings", None)
         self.rows = BatchRows(model.config, self.device)
+        self.cost = StepCost()
+        self.separate_prefill = separate_prefill  # None: decided per step from `cost`
         # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns)
         forward_args = inspect.signature(type(model).forward).parameters
         self._cache_argument = "cache" if "cache" in forward_args else "past_key_values"
@@ -99,6 +109,7 @@ class BatchScheduler:
         self._ids = itertools.count()
         self._passes = 0
         self._generated = 0
+        self._separate_prefills = 0  # joiners prefilled in a pass of their own
         self._thread = threading.Thread(target=self._run, name="rabbit-batch", daemon=True)
         self._thread.start()
 
@@ -154,6 +165,7 @@ class BatchScheduler:
             return {
                 "passes": self._passes,
                 "generated_tokens": self._generated,
+                "separate_prefills": self._separate_prefills,
                 "active": len(self._active),
                 "queued": len(self._waiting),
             }
@@ -221,9 +233,7 @@ class BatchScheduler:
             )
             new.append(seq)
         if new:
-            self._active.extend(new)
-            if self.batchable:
-                self.rows.add_rows(len(new))
+            self._active.extend(new)  # rows in the cache come at their first forward
             self._lock.notify_all()  # room in the queue for `generate` callers
 
     def _drop_cancelled(self) -> None:
@@ -245,7 +255,7 @@ class BatchScheduler:
             self._active = [self._active[i] for i in keep]
             self._lock.notify_all()
         if self.batchable:
-            self.rows.keep_rows(keep)
+            self.rows.keep_rows([i for i in keep if i < self.rows.size])
 
     def _propose(self, seq: _Sequence) -> list[int]:
         """Speculative tokens for a greedy row: prompt lookup if the request asks for it, else the
@@ -264,51 +274,89 @@ class BatchScheduler:
         return self.draft.propose(seq.key, seq.ids, count) if count > 0 else []
 
     def _step(self) -> None:
+        """One scheduler step: every active row gets its next token(s).
+
+        The first `rows.size` active sequences have rows in the cache; the rest joined since the
+        last step. Joiners are fed in the same pass unless the padding that costs is worth more
+        than a pass of their own (`cost.py`).
+        """
         active = self._active
         for seq in active:
             seq.draft = self._propose(seq)
-        feeds = [seq.feed + seq.draft for seq in active]
+        running = self.rows.size
+        joining = active[running:]
+        if joining and running and self._separate_prefill_pays(active, running):
+            with self._lock:
+                self._separate_prefills += 1
+            fresh = BatchRows(self.model.config, self.device)
+            fresh.add_rows(len(joining))
+            done_new = self._forward(joining, fresh)
+            done_old = self._forward(active[:running], self.rows)
+            self.rows.merge(fresh)
+            finished = set(done_old) | {running + i for i in done_new}
+        else:
+            self.rows.add_rows(len(joining))
+            finished = set(self._forward(active, self.rows))
+        if finished:
+            self._leave([i for i in range(len(active)) if i not in finished])
+        else:
+            self.rows.drop_empty_columns()
+
+    def _separate_prefill_pays(self, active: list[_Sequence], running: int) -> bool:
+        lengths = [len(seq.feed) + len(seq.draft) for seq in active]
+
+        def padding(group: list[int]) -> int:
+            return max(group) * len(group) - sum(group) if group else 0
+
+        if self.separate_prefill is not None:
+            return self.separate_prefill
+        saved = padding(lengths) - padding(lengths[:running]) - padding(lengths[running:])
+        return self.cost.separate_pass_pays(saved)
+
+    def _forward(self, seqs: list[_Sequence], rows: BatchRows) -> list[int]:
+        """One streamed pass over `seqs` (whose cache rows are `rows`, in order); returns the
+        indices of those that finished."""
+        feeds = [seq.feed + seq.draft for seq in seqs]
         width = max(len(f) for f in feeds)
-        input_ids = torch.full((len(active), width), self.pad_token_id, dtype=torch.long)
-        step_mask = torch.zeros(len(active), width, dtype=torch.long)
-        positions = torch.zeros(len(active), width, dtype=torch.long)
-        for r, (seq, feed) in enumerate(zip(active, feeds, strict=True)):
+        input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        step_mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        positions = torch.zeros(len(seqs), width, dtype=torch.long)
+        for r, (seq, feed) in enumerate(zip(seqs, feeds, strict=True)):
             start = width - len(feed)
             input_ids[r, start:] = torch.tensor(feed)
             step_mask[r, start:] = 1
             positions[r, start:] = torch.arange(seq.cached, seq.cached + len(feed))
             positions[r, :start] = seq.cached  # any valid position: these slots are holes
-        keep_logits = max(len(seq.draft) + 1 for seq in active)
+        keep_logits = max(len(seq.draft) + 1 for seq in seqs)
+        started = time.perf_counter()
         out = self.model(
             input_ids=input_ids.to(self.device),
-            attention_mask=self.rows.extend(step_mask.to(self.device)),
+            attention_mask=rows.extend(step_mask.to(self.device)),
             position_ids=positions.to(self.device),
             use_cache=True,
-            **{self._cache_argument: self.rows.cache},
             logits_to_keep=keep_logits,
+            **{self._cache_argument: rows.cache},
         )
-        logits = out.logits[:, -keep_logits:, :]
+        logits = out.logits[:, -keep_logits:, :].float().cpu()
+        self.cost.observe(input_ids.numel(), time.perf_counter() - started)
         with self._lock:
             self._passes += 1
-        keep = []
-        for r, seq in enumerate(active):
+        finished = []
+        for r, seq in enumerate(seqs):
             seq.handle.passes += 1
-            accepted = self._accept(r, seq, logits[r])
+            accepted = self._accept(r, seq, logits[r], rows)
             finish = self._finish_reason(seq, accepted)
             self._generated_add(len(accepted))
             seq.handle._emit(accepted, finish)
-            if finish is None:
-                keep.append(r)
-        if len(keep) != len(active):
-            self._leave(keep)
-        else:
-            self.rows.drop_empty_columns()
+            if finish is not None:
+                finished.append(r)
+        return finished
 
     def _generated_add(self, count: int) -> None:
         with self._lock:
             self._generated += count
 
-    def _accept(self, r: int, seq: _Sequence, logits: torch.Tensor) -> list[int]:
+    def _accept(self, r: int, seq: _Sequence, logits: torch.Tensor, rows: BatchRows) -> list[int]:
         """The tokens this step gives `seq`: one picked token, or the verified draft prefix plus
         the model's own next token. Rejected draft slots become holes in the cache."""
         fed = len(seq.feed) + len(seq.draft)
@@ -326,7 +374,7 @@ class BatchScheduler:
             rejected = k - n
             if rejected:
                 seq.cached -= rejected
-                self.rows.hide(r, slice(self.rows.columns - rejected, self.rows.columns))
+                rows.hide(r, slice(rows.columns - rejected, rows.columns))
         accepted = self._truncate_at_stop(seq, accepted)
         seq.ids.extend(accepted)
         seq.feed = [accepted[-1]]
