@@ -19,6 +19,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,9 @@ from rabbit_engine.batching.sampling import TokenPicker
 from rabbit_engine.errors import InvalidOptionError, QueueFullError, SchedulerClosedError
 
 logger = logging.getLogger(__name__)
+
+#: prompt ids, settings, and an optional request id (the caller's name for it in logs)
+Request = tuple[list[int], SamplingParams, str | None]
 
 
 @dataclass
@@ -117,6 +121,34 @@ class BatchScheduler:
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> RequestHandle:
+        return self.submit_many([(prompt_ids, params, request_id)])[0]
+
+    def submit_many(
+        self, requests: Sequence[tuple[list[int], SamplingParams] | Request]
+    ) -> list[RequestHandle]:
+        """Queue all of `requests` at once (or none: QueueFullError), so they join the same step
+        instead of trickling in while the scheduler thread is already stepping."""
+        handles = [self._handle(*request) for request in requests]
+        with self._lock:
+            if self._closing:
+                raise SchedulerClosedError("the scheduler is shutting down")
+            if len(handles) > self._room():
+                raise QueueFullError(
+                    f"{len(self._waiting)} requests are already waiting "
+                    f"(max_queue={self.max_queue})"
+                )
+            self._waiting.extend(handles)
+            self._lock.notify_all()
+        return handles
+
+    def _room(self) -> int:
+        """Requests that can be queued now: free batch slots plus free queue places."""
+        free_slots = max(0, self.max_batch - len(self._active))
+        return self.max_queue + free_slots - len(self._waiting)
+
+    def _handle(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> RequestHandle:
         if not prompt_ids:
             raise InvalidOptionError("prompt: empty (at least one token is needed)")
         total = len(prompt_ids) + params.max_new_tokens
@@ -129,32 +161,23 @@ class BatchScheduler:
                 f"max_tokens: prompt ({len(prompt_ids)}) + max_tokens ({params.max_new_tokens}) "
                 f"= {total} tokens, more than the model's context of {self.max_context}"
             )
-        handle = RequestHandle(request_id or f"req-{next(self._ids)}", list(prompt_ids), params)
-        with self._lock:
-            if self._closing:
-                raise SchedulerClosedError("the scheduler is shutting down")
-            if len(self._waiting) >= self.max_queue and (
-                len(self._active) >= self.max_batch or self._waiting
-            ):
-                raise QueueFullError(
-                    f"{len(self._waiting)} requests are already waiting "
-                    f"(max_queue={self.max_queue})"
-                )
-            self._waiting.append(handle)
-            self._lock.notify_all()
-        return handle
+        return RequestHandle(request_id or f"req-{next(self._ids)}", list(prompt_ids), params)
 
-    def generate(self, requests: list[tuple[list[int], SamplingParams]]) -> list[RequestHandle]:
-        """Submit all (waiting for queue room as needed) and wait for every one."""
-        handles = []
-        for ids, params in requests:
-            while True:
-                try:
-                    handles.append(self.submit(ids, params))
-                    break
-                except QueueFullError:
-                    with self._lock:
-                        self._lock.wait(0.05)
+    def generate(self, requests: Sequence[tuple[list[int], SamplingParams]]) -> list[RequestHandle]:
+        """Submit all (as many at once as there is room for) and wait for every one."""
+        handles: list[RequestHandle] = []
+        pending = list(requests)
+        while pending:
+            with self._lock:
+                take = min(len(pending), self._room())
+                if take <= 0:
+                    self._lock.wait(0.05)
+                    continue
+            try:
+                handles += self.submit_many(pending[:take])
+            except QueueFullError:  # another caller took the room meanwhile
+                continue
+            pending = pending[take:]
         for handle in handles:
             handle.wait()
         return handles
