@@ -30,11 +30,13 @@ Run from the checkout's root (a development tool: it is not installed with any p
   python -m tools.rabbit_bench                 # ~2 GB model, every engine and regime
   python -m tools.rabbit_bench --quick         # a few-MB model: smoke test of the whole harness
   python -m tools.rabbit_bench --regimes cold --engines rabbit,accelerate --tokens 8 --json o.json
+  python -m tools.rabbit_bench --engines rabbit --concurrency 1,2,4,8,16   # + streams per pass
 
 Modules: cli (flags, the run's order), spec (engines, regimes, each child's spec), runner (child
 processes), child (one engine in one process), goals (floors, ratios, goals), table (the printed
 results), checkpoint (the generated model and its facts), memcap (cgroup caps, page cache), machine,
-gguf_export (the checkpoint as GGUF, and its check), llamacpp (llama.cpp's library, made loadable).
+gguf_export (the checkpoint as GGUF, and its check), llamacpp (llama.cpp's library, made loadable),
+concurrency (--concurrency: C requests sharing each streamed pass through the batch scheduler).
 Beside the bench: readpaths (engine-free read-path micro-benchmark), larger_than_ram (a model
 bigger than RAM, by hand), split (rabbit split against cp).
 

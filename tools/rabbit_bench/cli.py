@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from . import goals, table
+from . import concurrency, goals, table
 from .checkpoint import QUICK, Shape, checkpoint_files, layer_facts, shape_for_size
 from .machine import machine_info
 from .runner import (
@@ -127,9 +127,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep per-run logs and offload folders")
     ap.add_argument("--child-timeout", type=float, default=1800)
     ap.add_argument("--json", default=None, help="write every measurement to this file")
+    ap.add_argument(
+        "--concurrency",
+        default=None,
+        metavar="C,C,...",
+        help="also run C equal greedy requests per streamed pass through the batch scheduler, "
+        "cold and warm, for each level (e.g. 1,2,4,8,16): tokens/s, passes per token "
+        "(concurrency.py)",
+    )
     # What the parent starts its children with (runner.spawn):
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-bw", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-concurrency", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--make-checkpoint", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--make-gguf", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -163,6 +172,8 @@ def run_child(args: argparse.Namespace) -> int | None:
         return child_main(args.child)
     if args.child_bw:
         return child_bandwidth(args.child_bw)
+    if args.child_concurrency:
+        return concurrency.child_main(args.child_concurrency)
     if args.make_checkpoint:
         from .checkpoint import make_checkpoint
 
@@ -223,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     regimes_wanted = parse_choices(args.regimes, REGIMES, "regime", REGIME_ALIASES)
     args.engines = args.engines or default_engines()
     engines_wanted = parse_choices(args.engines, ENGINES, "engine")
+    levels = concurrency.parse_levels(args.concurrency) if args.concurrency else None
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -286,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  floor: {reg['floor_desc']}")
         else:
             goals.set_transformers_floor(reg, results)
+    streams = concurrency.measure(runner, regimes, levels) if levels else []
     goals.add_compute_overlap(regimes, results)
     if goals.set_ratios(results, regimes, facts) is None:
         log("transformers did not run: tokens cannot be compared")
@@ -304,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     met = goals.evaluate(results, regimes, facts)
     goals.print_goals(met)
     table.print_profiles(results)
+    if levels:
+        concurrency.print_results(streams, args)
     print(f"\n(total {time.time() - started:.0f} s)")
     if args.json:
         payload = {
@@ -317,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
             "goals": met,
             "artifacts": {k: {**v, "path": str(v["path"])} for k, v in artifacts.items()},
             "artifact_errors": artifact_errors,
+            "concurrency": streams,
         }
         Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
     if not args.keep:
         shutil.rmtree(runner.tmp, ignore_errors=True)
-    return 0 if all(r.get("ok") for r in results) else 1
+    return 0 if all(r.get("ok") for r in [*results, *streams]) else 1
