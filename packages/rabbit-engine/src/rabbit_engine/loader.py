@@ -10,7 +10,7 @@ from rabbit_engine.attention import select_attention
 from rabbit_engine.budget import plan_residency, resolve_budget
 from rabbit_engine.dtypes import checkpoint_dtype
 from rabbit_engine.layout import LayoutAdapter
-from rabbit_engine.model import streaming_class
+from rabbit_engine.model import contiguous_head_input, streaming_class
 from rabbit_engine.options import StreamingOptions
 from rabbit_engine.prequantized import attach_quantizer, refuse_ignored_tensors
 from rabbit_engine.profiler import Profiler
@@ -95,6 +95,7 @@ def load_streaming_model(
     )
     move_buffers(model, device)
     streamer.load_resident()
+    contiguous_head_input(model)
     model.__class__ = streaming_class(type(model))
     model._rabbit_streamer = streamer
     model._rabbit_device = device
