@@ -90,6 +90,8 @@ class RepetitionStop(StoppingCriteria):
 
     `prompt_length` is the width of the input ids generate() was given (with left padding, the
     same for every row); tokens before it are the prompt (or a chat's history) and never count.
+    transformers checks stopping criteria once per step; with prompt lookup or a draft model a step
+    may accept several tokens, so there a loop can run up to one draft longer than without.
     """
 
     def __init__(
