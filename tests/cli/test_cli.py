@@ -108,8 +108,8 @@ def test_chat_session_reuses_the_cache_and_matches_a_fresh_run(default_model_cac
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rabbit_engine.batching.requests import SamplingParams
     from rabbitllm.cli.chat import ChatSession
-    from rabbitllm.cli.generation import Sampling
 
     tok = AutoTokenizer.from_pretrained(default_model_cache.model_dir)
     model = AutoModelForCausalLM.from_pretrained(default_model_cache.model_dir).eval()
@@ -122,7 +122,7 @@ def test_chat_session_reuses_the_cache_and_matches_a_fresh_run(default_model_cac
         return original_forward(*args, **kwargs)
 
     model.forward = counting_forward
-    greedy = Sampling(max_new_tokens=10, temperature=0.0, top_p=1.0, seed=None)
+    greedy = SamplingParams(max_new_tokens=10)
     session = ChatSession(model, tok, greedy)
     session.send("What is the capital of France?")
     history = copy.deepcopy(session.messages)

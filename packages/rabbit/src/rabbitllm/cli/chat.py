@@ -9,9 +9,13 @@ The cache is only reused for the prefix it truly matches: after a turn it holds 
 generated, while the next render re-tokenizes the reply from text (and the template may close the
 turn differently), so the cache is cropped to the longest common prefix before it is passed back.
 
-Defaults: temperature 0.7, top-p 0.9 (a conversation reads better sampled; --temperature 0 gives
-greedy replies), 512 new tokens per reply. Commands: /reset clears the conversation, /exit quits
-(as does Ctrl-D); Ctrl-C during a reply stops that reply only.
+Defaults: the model's generation_config.json, else greedy replies of up to 512 new tokens that stop
+when they turn into a loop. Sampling at 0.7 / top-p 0.9, the old default, made the bundled model
+answer "What is the capital of France?" with 512 tokens of looping French verse; greedy answers
+"Paris" (rabbitllm/generation_defaults.py has the measurement; --temperature samples).
+--prompt-lookup N and --draft-model SRC speed replies that quote the conversation or the prompt.
+Commands: /reset clears the conversation, /exit quits (as does Ctrl-D); Ctrl-C during a reply stops
+that reply only.
 """
 
 from __future__ import annotations
@@ -21,17 +25,23 @@ import contextlib
 import sys
 from typing import Any
 
+from rabbit_engine.batching.requests import SamplingParams
 from rabbitllm.cli.console import Console
 from rabbitllm.cli.errors import UsageError
 from rabbitllm.cli.generation import (
-    Sampling,
+    GenerateCall,
     Timer,
     add_sampling_options,
+    add_speculative_options,
+    apply_seed,
+    load_draft_model,
     make_streamer,
     note_speed,
+    note_stop,
     pad_token_kwargs,
     report_profile,
     sampling_from,
+    streamed_passes,
 )
 from rabbitllm.cli.loading import load_model, load_tokenizer, open_model
 from rabbitllm.cli.options import (
@@ -41,6 +51,7 @@ from rabbitllm.cli.options import (
     runtime_options,
 )
 
+MAX_NEW_TOKENS = 512  # per reply, when the model's generation_config sets no max_new_tokens
 HELP = "commands: /reset (start over), /exit (or Ctrl-D), /help"
 
 
@@ -53,7 +64,8 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--system", help="system message")
-    add_sampling_options(p, max_new_tokens=512, temperature=0.7, top_p=0.9)
+    add_sampling_options(p, max_new_tokens=MAX_NEW_TOKENS)
+    add_speculative_options(p)
     add_source_options(p)
     add_runtime_options(p)
     p.set_defaults(func=run)
@@ -94,7 +106,13 @@ class ChatSession:
     """A conversation with a model: messages, plus the KV cache and the ids it covers."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, sampling: Sampling, *, system: str | None = None
+        self,
+        model: Any,
+        tokenizer: Any,
+        sampling: SamplingParams,
+        *,
+        system: str | None = None,
+        draft_model: Any = None,
     ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise UsageError(
@@ -103,6 +121,7 @@ class ChatSession:
         self.model = model
         self.tokenizer = tokenizer
         self.sampling = sampling
+        self.call = GenerateCall(sampling, draft_model)
         self.system = system
         self.reset()
 
@@ -124,7 +143,9 @@ class ChatSession:
         if keep < self.cache.get_seq_length():
             if keep <= 0 or not hasattr(self.cache, "crop"):
                 return None
-            self.cache.crop(keep)
+            # a negative count removes that many tokens in every transformers 5.x; a positive one
+            # was the length to keep until 5.24 made it an error
+            self.cache.crop(keep - self.cache.get_seq_length())
         return self.cache
 
     def send(self, text: str, streamer: Any = None) -> str:
@@ -136,7 +157,11 @@ class ChatSession:
             self.messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
         )
         ids = encoded["input_ids"]
-        cache = self._usable_cache(ids[0].tolist())
+        # Speculative turns start without the previous turn's cache: transformers 5.24's assisted
+        # and prompt-lookup decoding given a filled cache returns other tokens than plain greedy
+        # (its own models too; 5.0 agrees). The whole conversation is then prefilled, which for a
+        # streamed model is still one pass over the weights.
+        cache = None if self.call.speculative else self._usable_cache(ids[0].tolist())
         self.reused_tokens = cache.get_seq_length() if cache is not None else 0
         try:
             out = self.model.generate(
@@ -145,7 +170,7 @@ class ChatSession:
                 **{cache_argument(): cache},
                 streamer=streamer,
                 return_dict_in_generate=True,
-                **self.sampling.generate_kwargs(),
+                **self.call.kwargs(int(ids.shape[1])),
                 **pad_token_kwargs(self.model, self.tokenizer),
             )
         except BaseException:
@@ -172,7 +197,6 @@ def _read_line(interactive: bool) -> str | None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    sampling = sampling_from(args)
     runtime = runtime_options(args)
     spec = model_spec(args, progress=not console.quiet)
     source = open_model(spec, trust_remote_code=runtime.trust_remote_code)
@@ -183,13 +207,23 @@ def run(args: argparse.Namespace, console: Console) -> int:
         )
     model = load_model(spec, runtime)
     interactive = sys.stdin is not None and sys.stdin.isatty()
-    if interactive:
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401  (line editing and history for input())
-        console.note(f"Chatting with {spec.location}. {HELP}")
     try:
-        session = ChatSession(model, tokenizer, sampling, system=args.system)
-        sampling.apply_seed()
+        sampling = sampling_from(args, model, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
+        draft = None
+        if args.draft_model:
+            draft = load_draft_model(
+                args.draft_model,
+                model,
+                tokenizer,
+                token=spec.token,
+                trust_remote_code=runtime.trust_remote_code,
+            )
+        if interactive:
+            with contextlib.suppress(ImportError):
+                import readline  # noqa: F401  (line editing and history for input())
+            console.note(f"Chatting with {spec.location}. {HELP}")
+        session = ChatSession(model, tokenizer, sampling, system=args.system, draft_model=draft)
+        apply_seed(sampling)
         while True:
             line = _read_line(interactive)
             if line is None or line.strip() in ("/exit", "/quit"):
@@ -204,6 +238,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             if text == "/help":
                 console.note(HELP)
                 continue
+            passes_before = streamed_passes(model)
             try:
                 with Timer() as timer:
                     session.send(text, streamer=make_streamer(tokenizer, console))
@@ -212,7 +247,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 console.note("(reply interrupted; that turn is forgotten)")
                 continue
             console.result("")
-            note_speed(console, session.last_new_tokens, timer.seconds)
+            passes = streamed_passes(model)
+            note_stop(console, session.call)
+            note_speed(
+                console,
+                session.last_new_tokens,
+                timer.seconds,
+                None if passes is None else passes - (passes_before or 0),
+            )
         if runtime.profile:
             report_profile(console, model)
     finally:

@@ -1,10 +1,17 @@
 """`rabbit generate [PROMPT]`: one completion, streamed to stdout as the tokens come.
 
-Defaults, and why: greedy decoding (temperature 0) so the same prompt gives the same text, which is
-what scripts, tests and benchmarks want (pass --temperature for sampling); 256 new tokens; the chat
-template applied when the tokenizer has one, since instruction-tuned models answer a raw prompt
-poorly and base models have no template (--no-chat sends the text as is). The prompt comes from the
-argument, or from stdin when there is none (`echo hi | rabbit generate`).
+Defaults, and why: sampling settings and the token budget come from the model's
+generation_config.json, as in transformers; where it sets none, greedy decoding (the same prompt
+gives the same text, which is what scripts, tests and benchmarks want, and small models answer
+better greedy; pass --temperature for sampling) and 256 new tokens. A reply that has become a loop
+stops (--no-stop-on-repetition lets it run). The chat template is applied when the tokenizer has
+one, since instruction-tuned models answer a raw prompt poorly and base models have no template
+(--no-chat sends the text as is). The prompt comes from the argument, or from stdin when there is
+none (`echo hi | rabbit generate`).
+
+Speculative decoding (--prompt-lookup N, --draft-model SRC) checks several proposed tokens in one
+streamed pass; greedy output stays the same token for token (a loop stop may act up to one draft
+later), and the speed note reports the tokens per streamed pass it reached.
 """
 
 from __future__ import annotations
@@ -16,13 +23,19 @@ from typing import Any
 from rabbitllm.cli.console import Console
 from rabbitllm.cli.errors import UsageError
 from rabbitllm.cli.generation import (
+    GenerateCall,
     Timer,
     add_sampling_options,
+    add_speculative_options,
+    apply_seed,
+    load_draft_model,
     make_streamer,
     note_speed,
+    note_stop,
     pad_token_kwargs,
     report_profile,
     sampling_from,
+    streamed_passes,
 )
 from rabbitllm.cli.loading import load_model, load_tokenizer, open_model
 from rabbitllm.cli.options import (
@@ -31,6 +44,8 @@ from rabbitllm.cli.options import (
     model_spec,
     runtime_options,
 )
+
+MAX_NEW_TOKENS = 256  # when the model's generation_config sets no max_new_tokens
 
 
 def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -49,7 +64,8 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
         help="apply the tokenizer's chat template (default: when the tokenizer has one)",
     )
     p.add_argument("--system", help="system message, with the chat template")
-    add_sampling_options(p, max_new_tokens=256, temperature=0.0, top_p=1.0)
+    add_sampling_options(p, max_new_tokens=MAX_NEW_TOKENS)
+    add_speculative_options(p)
     add_source_options(p)
     add_runtime_options(p)
     p.set_defaults(func=run)
@@ -97,7 +113,6 @@ def encode(tokenizer: Any, prompt: str, *, chat: bool | None, system: str | None
 
 def run(args: argparse.Namespace, console: Console) -> int:
     prompt = read_prompt(args, console)
-    sampling = sampling_from(args)
     runtime = runtime_options(args)
     spec = model_spec(args, progress=not console.quiet)
     source = open_model(spec, trust_remote_code=runtime.trust_remote_code)
@@ -105,17 +120,37 @@ def run(args: argparse.Namespace, console: Console) -> int:
     inputs = encode(tokenizer, prompt, chat=args.chat, system=args.system)
     model = load_model(spec, runtime)
     try:
+        params = sampling_from(args, model, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
+        draft = None
+        if args.draft_model:
+            draft = load_draft_model(
+                args.draft_model,
+                model,
+                tokenizer,
+                token=spec.token,
+                trust_remote_code=runtime.trust_remote_code,
+            )
+        call = GenerateCall(params, draft)
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
-        sampling.apply_seed()
+        prompt_length = int(inputs["input_ids"].shape[-1])
+        apply_seed(params)
+        passes_before = streamed_passes(model)
         with Timer() as timer:
             output = model.generate(
                 **inputs,
                 streamer=make_streamer(tokenizer, console),
-                **sampling.generate_kwargs(),
+                **call.kwargs(prompt_length),
                 **pad_token_kwargs(model, tokenizer),
             )
         console.result("")  # the streamed text does not end with a newline
-        note_speed(console, int(output.shape[-1] - inputs["input_ids"].shape[-1]), timer.seconds)
+        passes = streamed_passes(model)
+        note_stop(console, call)
+        note_speed(
+            console,
+            int(output.shape[-1] - prompt_length),
+            timer.seconds,
+            None if passes is None else passes - (passes_before or 0),
+        )
         if runtime.profile:
             report_profile(console, model)
     finally:
