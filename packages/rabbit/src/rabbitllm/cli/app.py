@@ -14,11 +14,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from rabbitllm.cli import bench, chat, doctor, generate, store
+from rabbitllm.cli import batch, bench, chat, doctor, generate, serve, store
 from rabbitllm.cli.console import Console, configure_logging, disable_progress_bars, secret_values
 from rabbitllm.cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 
-COMMANDS = ("generate", "chat", "split", "inspect", "verify", "bench", "doctor")
+COMMANDS = ("generate", "chat", "batch", "serve", "split", "inspect", "verify", "bench", "doctor")
 
 #: Options every subcommand takes, and `rabbit` itself before the command. The top-level copies get
 #: their own dests (`top_quiet`, ...) and are merged after parsing: a subcommand's default must not
@@ -65,6 +65,8 @@ def build_parser() -> Parser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     generate.add_parser(subparsers, common)
     chat.add_parser(subparsers, common)
+    batch.add_parser(subparsers, common)
+    serve.add_parser(subparsers, common)
     store.add_parsers(subparsers, COMMON_OPTIONS)
     bench.add_parser(subparsers, common)
     doctor.add_parser(subparsers, common)
@@ -79,11 +81,16 @@ def merge_common_options(args: argparse.Namespace) -> None:
 
 
 def _argv_secrets(argv: Sequence[str]) -> list[str]:
-    """--token values (and secret storage options) found in the raw arguments, before parsing."""
+    """--token and --api-key values (and secret storage options) in the raw arguments, before
+    parsing."""
     tokens: list[str] = []
     pairs: list[str] = []
     for i, arg in enumerate(argv):
-        for flag, bucket in (("--token", tokens), ("--storage-option", pairs)):
+        for flag, bucket in (
+            ("--token", tokens),
+            ("--api-key", tokens),
+            ("--storage-option", pairs),
+        ):
             if arg == flag and i + 1 < len(argv):
                 bucket.append(argv[i + 1])
             elif arg.startswith(flag + "="):

@@ -1,0 +1,710 @@
+"""`rabbit batch IN.jsonl -o OUT.jsonl`: many prompts at once, every weight pass shared by all.
+
+A streamed decode step reads every streamed layer whether it computes one sequence or sixteen, so
+offline work should run as many sequences per pass as it can: up to --max-batch requests run
+together in the engine's batch scheduler, and a finished one is replaced by the next line at once.
+
+Input: one JSON object per line, with OpenAI's completion fields ("prompt") or chat fields
+("messages", through the model's chat template), and an optional "id" (default "line-N", N counted
+from 1). Lines of OpenAI's Batch API ({"custom_id", "url", "body"}) are read too. Fields are checked
+as `rabbit serve` checks them. The sampling flags are defaults for what a line leaves out, and the
+model's generation_config.json fills what neither sets; a max_tokens that no line set is shortened
+to fit the context, where a line's own is refused. --prompt-lookup and --draft-model verify drafts
+in the shared pass, for the greedy requests.
+
+Output: one line per input line, in input order: {"id", "text", "finish_reason", "usage"}, or
+{"id", "error": {"message", "line", "param"}} for a line that cannot run (the exit status is then
+non-zero, with a summary on stderr). Duplicate ids in the input are refused before anything runs.
+
+Resumable: each finished line is appended to OUT with one write() and an fsync as soon as it is
+done, so a killed run loses only the requests in flight; a rerun skips the ids OUT already holds,
+retries its error rows, and drops a half-written last line left by a crash. Requests finish out of
+order, so OUT is rewritten in input order at the end (a temporary file renamed over it). Holding
+finished lines back until the earlier ones are done would keep OUT in order throughout, but one long
+request at the front would then hold every later result in memory, and a kill would lose them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import types
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rabbitllm.cli.console import Console
+from rabbitllm.cli.errors import EXIT_USAGE, UsageError
+from rabbitllm.cli.generation import add_sampling_options, add_speculative_options
+from rabbitllm.cli.options import (
+    add_runtime_options,
+    add_source_options,
+    model_spec,
+    positive_int,
+    runtime_options,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH = 16
+#: New tokens per request when neither its line, the flags nor the model's generation config say.
+FALLBACK_MAX_NEW_TOKENS = 256
+#: OpenAI Batch API urls and the request kind each one means.
+BATCH_API_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
+def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser(
+        "batch",
+        parents=[common],
+        help="run every request of a JSONL file, many per weight pass (resumable)",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", metavar="IN.jsonl", help="one request (JSON object) per line")
+    p.add_argument(
+        "--output",
+        "-o",
+        metavar="OUT.jsonl",
+        required=True,
+        help="results, one line per input line; a rerun skips the ids it already holds",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=DEFAULT_MAX_BATCH,
+        metavar="N",
+        help=f"requests sharing each weight pass (default: {DEFAULT_MAX_BATCH})",
+    )
+    add_sampling_options(p, max_new_tokens=FALLBACK_MAX_NEW_TOKENS)
+    add_speculative_options(p)
+    add_source_options(p)
+    add_runtime_options(p)
+    p.set_defaults(func=run)
+
+
+# ---- the input -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LineError:
+    """Why one input line cannot run; becomes that line's error row."""
+
+    line: int
+    message: str
+    param: str | None = None
+
+    def row(self, request_id: str) -> dict[str, Any]:
+        return {
+            "id": request_id,
+            "error": {"message": self.message, "line": self.line, "param": self.param},
+        }
+
+
+@dataclass(frozen=True)
+class InputLine:
+    """One request of IN: its 1-based line number, id, and body (None when `error` is set)."""
+
+    number: int
+    id: str
+    body: dict[str, Any] | None = None
+    kind: str | None = None
+    error: LineError | None = None
+
+
+def read_input(path: Path) -> list[InputLine]:
+    """Every non-blank line of `path`, parsed; a line that is not a usable request carries its
+    error instead. Duplicate ids raise UsageError naming both lines: their rows could not be
+    told apart, and a rerun would skip the second as done."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    lines: list[InputLine] = []
+    seen: dict[str, int] = {}
+    for number, text in enumerate(raw.split(b"\n"), start=1):
+        if not text.strip():
+            continue
+        line = parse_line(number, text)
+        if line.id in seen:
+            raise UsageError(
+                f"{path}: id {line.id!r} is on line {seen[line.id]} and on line {number}; "
+                "each request needs an id of its own"
+            )
+        seen[line.id] = number
+        lines.append(line)
+    return lines
+
+
+def parse_line(number: int, text: bytes) -> InputLine:
+    """One line of IN: a completion or chat body, or an OpenAI Batch API line wrapping one."""
+    default_id = f"line-{number}"
+
+    def failed(message: str, param: str | None, request_id: str = default_id) -> InputLine:
+        return InputLine(
+            number, request_id, error=LineError(number, f"line {number}: {message}", param)
+        )
+
+    try:
+        data = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return failed(f"not valid JSON: {exc}", None)
+    if not isinstance(data, dict):
+        return failed(f"expected a JSON object, got {type(data).__name__}", None)
+    id_field = "custom_id" if "custom_id" in data else "id"
+    request_id = data.get(id_field, default_id)
+    if not isinstance(request_id, str) or not request_id:
+        return failed(f"{id_field}: expected a non-empty string, got {request_id!r}", id_field)
+    if "custom_id" in data or "body" in data:
+        return _batch_api_line(number, request_id, data, failed)
+    if "messages" in data and "prompt" in data:
+        message = "has both prompt (a completion) and messages (a chat); give one"
+        return failed(message, "messages", request_id)
+    if "messages" in data:
+        return InputLine(number, request_id, body=data, kind="chat")
+    if "prompt" in data:
+        return InputLine(number, request_id, body=data, kind="completion")
+    message = "missing field prompt (a completion) or messages (a chat)"
+    return failed(message, "prompt", request_id)
+
+
+def _batch_api_line(number: int, request_id: str, data: dict[str, Any], failed: Any) -> InputLine:
+    """{"custom_id", "method", "url", "body"}: the file format of OpenAI's Batch API."""
+    body = data.get("body")
+    if not isinstance(body, dict):
+        return failed(
+            f"body: expected a JSON object, got {type(body).__name__}", "body", request_id
+        )
+    url = data.get("url")
+    if url is None:
+        kind = "chat" if "messages" in body else "completion"
+    elif url in BATCH_API_URLS:
+        kind = BATCH_API_URLS[url]
+    else:
+        choices = " or ".join(BATCH_API_URLS)
+        return failed(f"url: {url!r} is not supported; use {choices}", "url", request_id)
+    return InputLine(number, request_id, body=body, kind=kind)
+
+
+# ---- the output ----------------------------------------------------------------------------------
+
+
+def encode_row(row: dict[str, Any]) -> bytes:
+    """One output line; ensure_ascii keeps it one line whatever the text holds."""
+    return (json.dumps(row, ensure_ascii=True) + "\n").encode()
+
+
+class OutputFile:
+    """OUT.jsonl, written so that a kill at any moment leaves only whole lines.
+
+    Rows are appended (O_APPEND) with one write() per group of rows and an fsync after it. At open,
+    what an earlier run left is read back: a last line without its newline (a write cut short) is
+    truncated away, error rows are dropped so that their lines are tried again, and the rest are
+    the ids already done.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: dict[str, bytes] = {}  # id -> its line, for the final rewrite
+        self.dropped_partial = 0  # bytes of a half line found at open
+        self.dropped_errors = 0
+        self._fd: int | None = None
+
+    def open(self, input_ids: Iterable[str]) -> None:
+        """Read what OUT holds (if anything), repair it, and open it for appending."""
+        wanted = set(input_ids)
+        raw = self._read_existing()
+        end = raw.rfind(b"\n") + 1  # 0 when there is no complete line
+        self.dropped_partial = len(raw) - end
+        keep: list[bytes] = []
+        first_line: dict[str, int] = {}
+        for number, line in enumerate(raw[:end].splitlines(keepends=True), start=1):
+            if not line.strip():
+                continue
+            request_id, is_error = self._parse_row(line, number)
+            if is_error:
+                self.dropped_errors += 1
+                continue
+            if request_id in first_line:
+                raise UsageError(
+                    f"{self.path}: id {request_id!r} is on line {first_line[request_id]} and "
+                    f"on line {number}; remove one of them"
+                )
+            if request_id not in wanted:
+                raise UsageError(
+                    f"{self.path}, line {number}: id {request_id!r} is not in the input; is this "
+                    "the output of another input file? Write to a new file (-o), or remove that "
+                    "line"
+                )
+            first_line[request_id] = number
+            self.rows[request_id] = line
+            keep.append(line)
+        if self.dropped_errors:
+            self._replace(keep)  # also drops a half line
+        elif self.dropped_partial:
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+        if self.dropped_partial:
+            logger.warning(
+                "%s ended in a half-written line (%d bytes, from a run that was killed); "
+                "dropped it",
+                self.path,
+                self.dropped_partial,
+            )
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def _read_existing(self) -> bytes:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return b""
+        except OSError as exc:
+            raise UsageError(f"cannot read {self.path}: {exc.strerror or exc}") from exc
+
+    def _parse_row(self, line: bytes, number: int) -> tuple[str, bool]:
+        try:
+            row = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+            raise UsageError(
+                f"{self.path}, line {number}: not a row written by rabbit batch (a JSON object "
+                "with an id); write to a new file (-o), or fix that line"
+            )
+        return row["id"], "error" in row
+
+    @property
+    def done(self) -> set[str]:
+        return set(self.rows)
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        """Write `rows` with one write() and make them durable before returning."""
+        if not rows:
+            return
+        if self._fd is None:
+            raise RuntimeError("OutputFile.append before open")
+        lines = [encode_row(row) for row in rows]
+        data = memoryview(b"".join(lines))
+        while data:  # write() may write less than asked (a signal, a full disk): finish the rest
+            written = os.write(self._fd, data)
+            data = data[written:]
+        os.fsync(self._fd)
+        for row, line in zip(rows, lines, strict=True):
+            self.rows[row["id"]] = line
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def finish(self, order: list[str]) -> bool:
+        """Rewrite OUT with its rows in `order` (the input's ids; those not done yet are left
+        out); False when it was in order already."""
+        self.close()
+        current = self._read_existing()
+        ordered = [self.rows[i] for i in order if i in self.rows]
+        if b"".join(ordered) == current:
+            return False
+        self._replace(ordered)
+        return True
+
+    def _replace(self, lines: list[bytes]) -> None:
+        """OUT becomes exactly `lines`, atomically: a temporary file beside it, renamed over it."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(b"".join(lines))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        _fsync_dir(self.path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def output_lock(path: Path) -> Iterator[None]:
+    """One `rabbit batch` per OUT: two appending to the same file would each redo the other's
+    requests and leave duplicates."""
+    from filelock import FileLock, Timeout
+
+    lock_path = path.with_name(path.name + ".lock")
+    lock = FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UsageError(
+            f"another rabbit batch is writing {path} (it holds {lock_path}); wait for it to end"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+
+
+# ---- running -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Totals:
+    """What the summary line reports."""
+
+    done: int = 0
+    failed: list[LineError] = dataclasses.field(default_factory=list)
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    passes: int | None = None  # streamed passes through the layers, when the model counts them
+
+
+@dataclass
+class Job:
+    line: InputLine
+    prompt_ids: list[int]
+    params: Any  # rabbit_engine.batching.requests.SamplingParams
+    handle: Any = None  # its RequestHandle, once submitted
+
+
+def command_config(generation_config: Any, args: argparse.Namespace) -> Any:
+    """The model's generation config with the sampling flags written over it.
+
+    So a flag is a default for every line: below the line's own fields, above the model's config.
+    A max_tokens that comes from here (not from the line) is shortened to fit the context, as
+    OpenAI does for its default, instead of failing the lines with long prompts.
+    """
+    config = (
+        copy.deepcopy(generation_config)
+        if generation_config is not None
+        else types.SimpleNamespace()
+    )
+    if args.max_new_tokens is not None:
+        config.max_new_tokens = args.max_new_tokens
+    if args.temperature is not None:
+        config.do_sample = args.temperature > 0
+        if args.temperature > 0:
+            config.temperature = args.temperature
+    for name in ("top_p", "top_k", "repetition_penalty"):
+        if getattr(args, name, None) is not None:
+            setattr(config, name, getattr(args, name))
+    return config
+
+
+class Sampler:
+    """Turns a line's body into prompt ids and sampling settings: the server's own checks
+    (rabbitllm.openai_requests), with the command's flags as the defaults of what a line leaves
+    out (`command_config`)."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        tokenizer: Any,
+        generation_config: Any,
+        max_context: int | None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.config = command_config(generation_config, args)
+        self.seed = args.seed
+        self.prompt_lookup = args.prompt_lookup or 0
+        self.stop_on_repetition = args.stop_on_repetition
+        self.max_context = max_context
+
+    def job(self, line: InputLine) -> Job | LineError:
+        from rabbitllm.openai_requests import OpenAIRequestError, prepare
+
+        if line.body is None or line.kind is None:
+            raise ValueError(f"line {line.number} has no request to prepare")
+        body = line.body
+        if self.seed is not None and body.get("seed") is None:
+            body = {**body, "seed": self.seed}
+        try:
+            prepared = prepare(
+                body,
+                line.kind,  # type: ignore[arg-type]
+                self.tokenizer,
+                self.config,
+                max_context=self.max_context,
+                max_tokens_limit=self.max_context or sys.maxsize,
+                prompt_lookup=self.prompt_lookup,
+            )
+        except OpenAIRequestError as exc:
+            return LineError(line.number, f"line {line.number}: {exc.message}", exc.param)
+        params = prepared.params
+        if params.stop_on_repetition != self.stop_on_repetition:
+            params = dataclasses.replace(params, stop_on_repetition=self.stop_on_repetition)
+        return Job(line, prepared.prompt_ids, params)
+
+
+class Progress:
+    """tqdm over the requests to run, with the generated tokens per second as its postfix."""
+
+    def __init__(self, total: int, *, disable: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="req", desc="batch", disable=disable, file=sys.stderr)
+        self.start = time.perf_counter()
+        self.tokens = 0
+
+    def tokens_done(self, n: int) -> None:
+        self.tokens += n
+        self.bar.set_postfix_str(f"{self.rate():.1f} tok/s", refresh=False)
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        return self.tokens / elapsed if elapsed > 0 else 0.0
+
+    def request_done(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_lines(
+    scheduler: Any,
+    lines: list[InputLine],
+    sampler: Sampler,
+    out: OutputFile,
+    *,
+    in_flight_limit: int,
+    progress: Progress,
+    totals: Totals,
+) -> None:
+    """Keep `in_flight_limit` requests in the scheduler until every line has its row in `out`.
+
+    The limit is twice the batch: the scheduler refills a finished row from its own queue at the
+    very next step, where a line submitted only once the finish is seen here would miss that step.
+    Each submitted request has a small thread that forwards its events to one queue, so the main
+    thread wakes as soon as any request finishes; finished rows are written in groups of whatever
+    finished together.
+    """
+    from rabbit_store.errors import RabbitError
+    from rabbitllm.openai_requests import final_text
+
+    events: queue.Queue[tuple[Job, Any]] = queue.Queue()
+    pending = iter(lines)
+    ids_by_number = {line.number: line.id for line in lines}
+    in_flight: dict[str, Job] = {}
+
+    def watch(job: Job) -> None:
+        for event in job.handle:
+            events.put((job, event))
+
+    def fill() -> None:
+        # tokenize first, then submit together: requests submitted in one go join the same pass
+        jobs: list[Job] = []
+        errors: list[LineError] = []
+        while len(in_flight) + len(jobs) < in_flight_limit:
+            line = next(pending, None)
+            if line is None:
+                break
+            job = sampler.job(line) if line.error is None else line.error
+            (jobs if isinstance(job, Job) else errors).append(job)  # type: ignore[arg-type]
+        for job in jobs:
+            line = job.line
+            try:
+                job.handle = scheduler.submit(job.prompt_ids, job.params, request_id=line.id)
+            except RabbitError as exc:  # e.g. the prompt does not fit the context
+                errors.append(LineError(line.number, f"line {line.number}: {exc}", None))
+                continue
+            in_flight[line.id] = job
+            threading.Thread(
+                target=watch, args=(job,), name=f"batch-{line.id}", daemon=True
+            ).start()
+        totals.failed.extend(errors)
+        out.append([error.row(ids_by_number[error.line]) for error in errors])
+        for _ in errors:
+            progress.request_done()
+
+    fill()
+    while in_flight:
+        ready = [events.get()]
+        with contextlib.suppress(queue.Empty):
+            while True:
+                ready.append(events.get_nowait())
+        rows: list[dict[str, Any]] = []
+        failure: BaseException | None = None
+        for job, event in ready:
+            progress.tokens_done(len(event.token_ids))
+            if event.finish_reason is None:
+                continue
+            del in_flight[job.line.id]
+            if event.finish_reason in ("error", "cancelled"):
+                # A failed step is the engine's failure, not this line's: stop once the rows that
+                # did finish are written (a rerun resumes from them).
+                failure = failure or event.error or RuntimeError(f"{job.line.id} was cancelled")
+                continue
+            ids = list(job.handle.output_ids)
+            usage = {
+                "prompt_tokens": len(job.prompt_ids),
+                "completion_tokens": len(ids),
+                "total_tokens": len(job.prompt_ids) + len(ids),
+            }
+            rows.append(
+                {
+                    "id": job.line.id,
+                    "text": final_text(sampler.tokenizer, ids, job.params.stop_strings),
+                    "finish_reason": event.finish_reason,
+                    "usage": usage,
+                }
+            )
+            totals.done += 1
+            totals.completion_tokens += usage["completion_tokens"]
+            progress.request_done()
+        out.append(rows)
+        if failure is not None:
+            logger.warning("a batch step failed; the finished rows are saved, rerun to resume")
+            raise failure
+        fill()
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    in_path, out_path = Path(args.input), Path(args.output)
+    if out_path.exists() and in_path.exists() and out_path.resolve() == in_path.resolve():
+        raise UsageError(f"-o {out_path} is the input file; write the results to another file")
+    if not out_path.parent.is_dir():
+        raise UsageError(f"-o {out_path}: the directory {out_path.parent} does not exist")
+    lines = read_input(in_path)
+    if not lines:
+        raise UsageError(f"{in_path} holds no requests (one JSON object per line)")
+    runtime = runtime_options(args)
+    spec = model_spec(args, progress=not console.quiet)
+    with output_lock(out_path):
+        out = OutputFile(out_path)
+        out.open(line.id for line in lines)
+        todo = [line for line in lines if line.id not in out.done]
+        skipped = len(lines) - len(todo)
+        if skipped:
+            console.note(
+                f"Resuming: {skipped} of {len(lines)} requests are already in {out_path}; "
+                f"{len(todo)} to go."
+            )
+        totals = Totals()
+        # lines that are not requests at all fail now, before the model loads (maybe for nothing)
+        unreadable = [line for line in todo if line.error is not None]
+        out.append([line.error.row(line.id) for line in unreadable if line.error])
+        totals.failed.extend(line.error for line in unreadable if line.error)
+        todo = [line for line in todo if line.error is None]
+        try:
+            if todo:
+                _run_model(args, console, spec, runtime, todo, out, totals)
+        finally:
+            out.finish([line.id for line in lines])
+    return _summary(console, totals, len(lines), skipped, out_path)
+
+
+def _run_model(
+    args: argparse.Namespace,
+    console: Console,
+    spec: Any,
+    runtime: Any,
+    todo: list[InputLine],
+    out: OutputFile,
+    totals: Totals,
+) -> None:
+    from rabbit_engine.batching.scheduler import BatchScheduler
+    from rabbitllm.cli.loading import load_model, load_tokenizer, open_model
+    from rabbitllm.openai_requests import eos_token_ids
+
+    source = open_model(spec, trust_remote_code=runtime.trust_remote_code)
+    tokenizer = load_tokenizer(source, trust_remote_code=runtime.trust_remote_code)
+    model = load_model(spec, runtime)
+    draft = None
+    if args.draft_model:
+        from rabbit_engine.batching.draft import DraftModel
+        from rabbitllm.cli.generation import load_draft_model
+
+        draft = DraftModel(
+            load_draft_model(
+                args.draft_model,
+                model,
+                tokenizer,
+                token=spec.token,
+                trust_remote_code=runtime.trust_remote_code,
+            )
+        )
+    passes_before = _passes(model)
+    start = time.perf_counter()
+    progress = Progress(len(todo), disable=console.quiet)
+    try:
+        scheduler = BatchScheduler(
+            model,
+            max_batch=args.max_batch,
+            max_queue=2 * args.max_batch,
+            eos_token_ids=eos_token_ids(tokenizer, model.generation_config),
+            tokenizer=tokenizer,
+            draft=draft,
+        )
+        try:
+            sampler = Sampler(args, tokenizer, model.generation_config, scheduler.max_context)
+            run_lines(
+                scheduler,
+                todo,
+                sampler,
+                out,
+                in_flight_limit=2 * args.max_batch,
+                progress=progress,
+                totals=totals,
+            )
+        finally:
+            scheduler.close(cancel=True)
+    finally:
+        progress.close()
+        totals.seconds = time.perf_counter() - start
+        passes_after = _passes(model)
+        if passes_before is not None and passes_after is not None:
+            totals.passes = passes_after - passes_before
+        model.close()
+
+
+def _passes(model: Any) -> int | None:
+    """The streamer's count of passes through the layers (None for a model without one)."""
+    stats = getattr(model, "streamer_stats", None)
+    return stats.get("passes") if isinstance(stats, dict) else None
+
+
+def _summary(console: Console, totals: Totals, total: int, skipped: int, out_path: Path) -> int:
+    rate = totals.completion_tokens / totals.seconds if totals.seconds > 0 else 0.0
+    per_pass = ""
+    if totals.passes and totals.completion_tokens:
+        per_pass = f", {totals.completion_tokens / totals.passes:.2f} tokens per streamed pass"
+    console.note(
+        f"[{totals.done} requests, {totals.completion_tokens} tokens in {totals.seconds:.1f} s, "
+        f"{rate:.2f} tokens/s{per_pass}; {skipped} done before; results in {out_path}]"
+    )
+    if not totals.failed:
+        return 0
+    failed = sorted(totals.failed, key=lambda e: e.line)
+    numbers = ", ".join(str(e.line) for e in failed[:10])
+    more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
+    console.error(
+        f"{len(failed)} of {total} input lines could not run (lines {numbers}{more}); "
+        f"their rows in {out_path} carry the error; first: {failed[0].message}"
+    )
+    return EXIT_USAGE
