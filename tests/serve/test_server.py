@@ -233,3 +233,18 @@ def test_prompt_lookup_keeps_the_greedy_text(make_server, reference, tokenizer):
     expected = oracle_ids(reference, tokenizer(prompt).input_ids, 24)
     assert got.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
     assert got.usage.completion_tokens == 24
+
+
+def test_a_draft_model_keeps_the_greedy_text_in_fewer_passes(
+    make_server, reference, tokenizer, tiny_model_dir
+):
+    """--draft-model: the model itself as its own draft, so every proposal is right; the text is
+    the oracle's and the server's pass counter shows several tokens per pass."""
+    server = make_server("--draft-model", str(tiny_model_dir))
+    prompt = "The quick brown fox"
+    got = server.client().completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=24)
+    expected = oracle_ids(reference, tokenizer(prompt).input_ids, 24)
+    assert got.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+    stats = httpx.get(f"{server.url}/health").json()
+    assert stats["generated_tokens"] == got.usage.completion_tokens == len(expected)
+    assert stats["passes"] <= len(expected) // 2

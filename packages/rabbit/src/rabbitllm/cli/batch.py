@@ -45,7 +45,11 @@ from typing import Any
 
 from rabbitllm.cli.console import Console
 from rabbitllm.cli.errors import EXIT_USAGE, UsageError
-from rabbitllm.cli.generation import add_sampling_options, add_speculative_options
+from rabbitllm.cli.generation import (
+    add_sampling_options,
+    add_speculative_options,
+    scheduler_draft,
+)
 from rabbitllm.cli.options import (
     add_runtime_options,
     add_source_options,
@@ -635,20 +639,7 @@ def _run_model(
     source = open_model(spec, trust_remote_code=runtime.trust_remote_code)
     tokenizer = load_tokenizer(source, trust_remote_code=runtime.trust_remote_code)
     model = load_model(spec, runtime)
-    draft = None
-    if args.draft_model:
-        from rabbit_engine.batching.draft import DraftModel
-        from rabbitllm.cli.generation import load_draft_model
-
-        draft = DraftModel(
-            load_draft_model(
-                args.draft_model,
-                model,
-                tokenizer,
-                token=spec.token,
-                trust_remote_code=runtime.trust_remote_code,
-            )
-        )
+    draft = scheduler_draft(args, model, tokenizer, spec, runtime)
     passes_before = _passes(model)
     start = time.perf_counter()
     progress = Progress(len(todo), disable=console.quiet)

@@ -209,6 +209,24 @@ def load_draft_model(
     return draft.to(model.device).eval()
 
 
+def scheduler_draft(args: argparse.Namespace, model: Any, tokenizer: Any, spec: Any, runtime: Any):
+    """`--draft-model` for the batch scheduler (`rabbit serve`, `rabbit batch`): the same checked
+    resident model `generate` uses, proposing for every greedy request in the shared pass."""
+    if not getattr(args, "draft_model", None):
+        return None
+    from rabbit_engine.batching.draft import DraftModel
+
+    return DraftModel(
+        load_draft_model(
+            args.draft_model,
+            model,
+            tokenizer,
+            token=spec.token,
+            trust_remote_code=runtime.trust_remote_code,
+        )
+    )
+
+
 def make_streamer(tokenizer: Any, console: Console) -> Any:
     """transformers' TextStreamer, writing the decoded text to the console's stdout as it comes."""
     from transformers import TextStreamer

@@ -23,6 +23,7 @@ from typing import Any
 
 from rabbitllm.cli.console import Console
 from rabbitllm.cli.errors import FeatureNotAvailableError, UsageError
+from rabbitllm.cli.generation import add_speculative_options, scheduler_draft
 from rabbitllm.cli.loading import load_model, load_tokenizer, open_model
 from rabbitllm.cli.options import (
     add_runtime_options,
@@ -96,14 +97,7 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"largest request body; bigger ones get 413 (default: {DEFAULT_MAX_REQUEST_BYTES})",
     )
-    p.add_argument(
-        "--prompt-lookup",
-        type=_non_negative_int,
-        default=0,
-        metavar="N",
-        help="speculative decoding: propose up to N tokens per step from the request's own "
-        "context, verified in the same pass (greedy requests; default: 0 = off)",
-    )
+    add_speculative_options(p)  # verified in the shared pass, for greedy requests
     p.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -170,7 +164,7 @@ def _serve(
         api_key=api_key,
         max_tokens_limit=args.max_tokens_limit,
         max_request_bytes=args.max_request_bytes,
-        prompt_lookup=args.prompt_lookup,
+        prompt_lookup=args.prompt_lookup or 0,
         shutdown_timeout=args.shutdown_timeout,
     )
     source = open_model(spec, trust_remote_code=runtime.trust_remote_code)
@@ -178,7 +172,12 @@ def _serve(
     model = load_model(spec, runtime)
     try:
         engine = Engine.start(
-            model, tokenizer, name, max_batch=args.max_batch, max_queue=args.max_queue
+            model,
+            tokenizer,
+            name,
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            draft=scheduler_draft(args, model, tokenizer, spec, runtime),
         )
     except BaseException:
         model.close()

@@ -48,13 +48,25 @@ class Engine:
 
     @classmethod
     def start(
-        cls, model: Any, tokenizer: Any, name: str, *, max_batch: int, max_queue: int
+        cls,
+        model: Any,
+        tokenizer: Any,
+        name: str,
+        *,
+        max_batch: int,
+        max_queue: int,
+        draft: Any = None,
     ) -> Engine:
         from rabbit_engine.batching.scheduler import BatchScheduler
 
         eos = eos_token_ids(tokenizer, model.generation_config)
         scheduler = BatchScheduler(
-            model, max_batch=max_batch, max_queue=max_queue, eos_token_ids=eos, tokenizer=tokenizer
+            model,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            eos_token_ids=eos,
+            tokenizer=tokenizer,
+            draft=draft,
         )
         executor = ThreadPoolExecutor(
             max_workers=max_batch + max_queue + 4, thread_name_prefix="rabbit-serve-wait"
