@@ -2,8 +2,9 @@
 
 A streamed decode step is bound by reading the layers, so a pass that computes 16 sequences costs
 about what one costs. The scheduler thread owns the model: each step it admits waiting requests
-(their whole prompt is fed in the same pass as the others' next token), runs one forward, picks each
-row's tokens, and lets finished or cancelled requests leave. Requests talk to it only through
+(their whole prompt fed in the same pass as the others' next token, or in a pass of their own when
+the padding would cost more: `cost.py`), runs one forward, picks each row's tokens, and lets
+finished or cancelled requests leave. Requests talk to it only through
 `RequestHandle`s, so a server's event loop never blocks on the model.
 
 Families whose cache cannot hold holes (sliding windows, recurrent states; see `rows.py`) run one
