@@ -233,7 +233,9 @@ def _completion_ids(body: dict[str, Any], tokenizer: Any) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        ids = list(tokenizer(prompt).input_ids)
+        # an empty string is refused as such: whether it tokenizes to nothing or to a lone BOS
+        # depends on the tokenizer and the transformers version
+        ids = list(tokenizer(prompt).input_ids) if prompt else []
     elif isinstance(prompt, list):
         if prompt and all(isinstance(p, str | list) for p in prompt):
             raise _unsupported("prompt", "only one prompt per request is supported")
