@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from rabbitllm.cli.batch import OutputFile, command_config, output_lock, parse_line, read_input
+from rabbitllm.cli.batch import command_config, read_input
+from rabbitllm.cli.batch_output import OutputFile, output_lock
 from rabbitllm.cli.errors import UsageError
+from rabbitllm.request_lines import parse_line
 from tests.cli.conftest import finish, rabbit_command, run_rabbit, start_rabbit
 
 

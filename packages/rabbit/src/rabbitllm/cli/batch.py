@@ -30,19 +30,17 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
-import os
 import queue
 import sys
 import threading
 import time
 import types
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rabbitllm.cli.batch_output import OutputFile, output_lock
 from rabbitllm.cli.console import Console
 from rabbitllm.cli.errors import EXIT_USAGE, UsageError
 from rabbitllm.cli.generation import (
@@ -57,14 +55,13 @@ from rabbitllm.cli.options import (
     positive_int,
     runtime_options,
 )
+from rabbitllm.request_lines import InputLine, LineError, parse_line
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 16
 #: New tokens per request when neither its line, the flags nor the model's generation config say.
 FALLBACK_MAX_NEW_TOKENS = 256
-#: OpenAI Batch API urls and the request kind each one means.
-BATCH_API_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
 
 def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -100,32 +97,6 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
 # ---- the input -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LineError:
-    """Why one input line cannot run; becomes that line's error row."""
-
-    line: int
-    message: str
-    param: str | None = None
-
-    def row(self, request_id: str) -> dict[str, Any]:
-        return {
-            "id": request_id,
-            "error": {"message": self.message, "line": self.line, "param": self.param},
-        }
-
-
-@dataclass(frozen=True)
-class InputLine:
-    """One request of IN: its 1-based line number, id, and body (None when `error` is set)."""
-
-    number: int
-    id: str
-    body: dict[str, Any] | None = None
-    kind: str | None = None
-    error: LineError | None = None
-
-
 def read_input(path: Path) -> list[InputLine]:
     """Every non-blank line of `path`, parsed; a line that is not a usable request carries its
     error instead. Duplicate ids raise UsageError naming both lines: their rows could not be
@@ -148,233 +119,6 @@ def read_input(path: Path) -> list[InputLine]:
         seen[line.id] = number
         lines.append(line)
     return lines
-
-
-def parse_line(number: int, text: bytes) -> InputLine:
-    """One line of IN: a completion or chat body, or an OpenAI Batch API line wrapping one."""
-    default_id = f"line-{number}"
-
-    def failed(message: str, param: str | None, request_id: str = default_id) -> InputLine:
-        return InputLine(
-            number, request_id, error=LineError(number, f"line {number}: {message}", param)
-        )
-
-    try:
-        data = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return failed(f"not valid JSON: {exc}", None)
-    if not isinstance(data, dict):
-        return failed(f"expected a JSON object, got {type(data).__name__}", None)
-    id_field = "custom_id" if "custom_id" in data else "id"
-    request_id = data.get(id_field, default_id)
-    if not isinstance(request_id, str) or not request_id:
-        return failed(f"{id_field}: expected a non-empty string, got {request_id!r}", id_field)
-    if "custom_id" in data or "body" in data:
-        return _batch_api_line(number, request_id, data, failed)
-    if "messages" in data and "prompt" in data:
-        message = "has both prompt (a completion) and messages (a chat); give one"
-        return failed(message, "messages", request_id)
-    if "messages" in data:
-        return InputLine(number, request_id, body=data, kind="chat")
-    if "prompt" in data:
-        return InputLine(number, request_id, body=data, kind="completion")
-    message = "missing field prompt (a completion) or messages (a chat)"
-    return failed(message, "prompt", request_id)
-
-
-def _batch_api_line(number: int, request_id: str, data: dict[str, Any], failed: Any) -> InputLine:
-    """{"custom_id", "method", "url", "body"}: the file format of OpenAI's Batch API."""
-    body = data.get("body")
-    if not isinstance(body, dict):
-        return failed(
-            f"body: expected a JSON object, got {type(body).__name__}", "body", request_id
-        )
-    url = data.get("url")
-    if url is None:
-        kind = "chat" if "messages" in body else "completion"
-    elif url in BATCH_API_URLS:
-        kind = BATCH_API_URLS[url]
-    else:
-        choices = " or ".join(BATCH_API_URLS)
-        return failed(f"url: {url!r} is not supported; use {choices}", "url", request_id)
-    return InputLine(number, request_id, body=body, kind=kind)
-
-
-# ---- the output ----------------------------------------------------------------------------------
-
-
-def encode_row(row: dict[str, Any]) -> bytes:
-    """One output line; ensure_ascii keeps it one line whatever the text holds."""
-    return (json.dumps(row, ensure_ascii=True) + "\n").encode()
-
-
-class OutputFile:
-    """OUT.jsonl, written so that a kill at any moment leaves only whole lines.
-
-    Rows are appended (O_APPEND) with one write() per group of rows and an fsync after it. At open,
-    what an earlier run left is read back: a last line without its newline (a write cut short) is
-    truncated away, error rows are dropped so that their lines are tried again, and the rest are
-    the ids already done.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.rows: dict[str, bytes] = {}  # id -> its line, for the final rewrite
-        self.dropped_partial = 0  # bytes of a half line found at open
-        self.dropped_errors = 0
-        self._fd: int | None = None
-
-    def open(self, input_ids: Iterable[str]) -> None:
-        """Read what OUT holds (if anything), repair it, and open it for appending."""
-        wanted = set(input_ids)
-        raw = self._read_existing()
-        end = raw.rfind(b"\n") + 1  # 0 when there is no complete line
-        self.dropped_partial = len(raw) - end
-        keep: list[bytes] = []
-        first_line: dict[str, int] = {}
-        for number, line in enumerate(raw[:end].splitlines(keepends=True), start=1):
-            if not line.strip():
-                continue
-            request_id, is_error = self._parse_row(line, number)
-            if is_error:
-                self.dropped_errors += 1
-                continue
-            if request_id in first_line:
-                raise UsageError(
-                    f"{self.path}: id {request_id!r} is on line {first_line[request_id]} and "
-                    f"on line {number}; remove one of them"
-                )
-            if request_id not in wanted:
-                raise UsageError(
-                    f"{self.path}, line {number}: id {request_id!r} is not in the input; is this "
-                    "the output of another input file? Write to a new file (-o), or remove that "
-                    "line"
-                )
-            first_line[request_id] = number
-            self.rows[request_id] = line
-            keep.append(line)
-        if self.dropped_errors:
-            self._replace(keep)  # also drops a half line
-        elif self.dropped_partial:
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-                os.fsync(f.fileno())
-        if self.dropped_partial:
-            logger.warning(
-                "%s ended in a half-written line (%d bytes, from a run that was killed); "
-                "dropped it",
-                self.path,
-                self.dropped_partial,
-            )
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def _read_existing(self) -> bytes:
-        try:
-            return self.path.read_bytes()
-        except FileNotFoundError:
-            return b""
-        except OSError as exc:
-            raise UsageError(f"cannot read {self.path}: {exc.strerror or exc}") from exc
-
-    def _parse_row(self, line: bytes, number: int) -> tuple[str, bool]:
-        try:
-            row = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            row = None
-        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
-            raise UsageError(
-                f"{self.path}, line {number}: not a row written by rabbit batch (a JSON object "
-                "with an id); write to a new file (-o), or fix that line"
-            )
-        return row["id"], "error" in row
-
-    @property
-    def done(self) -> set[str]:
-        return set(self.rows)
-
-    def append(self, rows: list[dict[str, Any]]) -> None:
-        """Write `rows` with one write() and make them durable before returning."""
-        if not rows:
-            return
-        if self._fd is None:
-            raise RuntimeError("OutputFile.append before open")
-        lines = [encode_row(row) for row in rows]
-        data = memoryview(b"".join(lines))
-        while data:  # write() may write less than asked (a signal, a full disk): finish the rest
-            written = os.write(self._fd, data)
-            data = data[written:]
-        os.fsync(self._fd)
-        for row, line in zip(rows, lines, strict=True):
-            self.rows[row["id"]] = line
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def finish(self, order: list[str]) -> bool:
-        """Rewrite OUT with its rows in `order` (the input's ids; those not done yet are left
-        out); False when it was in order already."""
-        self.close()
-        current = self._read_existing()
-        ordered = [self.rows[i] for i in order if i in self.rows]
-        if b"".join(ordered) == current:
-            return False
-        self._replace(ordered)
-        return True
-
-    def _replace(self, lines: list[bytes]) -> None:
-        """OUT becomes exactly `lines`, atomically: a temporary file beside it, renamed over it."""
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(b"".join(lines))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        _fsync_dir(self.path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def output_lock(path: Path) -> Iterator[None]:
-    """One `rabbit batch` per OUT: two appending to the same file would each redo the other's
-    requests and leave duplicates."""
-    from filelock import FileLock, Timeout
-
-    lock_path = path.with_name(path.name + ".lock")
-    lock = FileLock(str(lock_path), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise UsageError(
-            f"another rabbit batch is writing {path} (it holds {lock_path}); wait for it to end"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
-        with contextlib.suppress(OSError):
-            lock_path.unlink()
-
-
-# ---- running -------------------------------------------------------------------------------------
 
 
 @dataclass
