@@ -365,7 +365,7 @@ def test_a_worker_killed_mid_job_is_retried_and_each_row_is_written_once(
 
 
 @pytest.mark.slow
-def test_local_address_starts_a_cluster_for_the_run_and_stops_it(
+def test_rabbit_batch_ray_local_starts_a_cluster_for_the_run(
     ray_cluster, tiny_model_dir, predictor, tmp_path
 ):
     import subprocess
@@ -374,24 +374,21 @@ def test_local_address_starts_a_cluster_for_the_run_and_stops_it(
     source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "A short one", "max_tokens": 2}])
     with pytest.raises(BatchInputError, match=r"already connected to Ray; pass address=None"):
         run_batch_job(str(source), str(tmp_path / "x.jsonl"), address="local")
-    # a fresh process: "local" starts its own cluster and shuts it down afterwards
-    script = (
-        "import json, sys, ray\n"
-        "from rabbitllm.ray import run_batch_job\n"
-        "r = run_batch_job(sys.argv[1], sys.argv[2], model=sys.argv[3], address='local',"
-        f" num_cpus=1, max_new_tokens={MAX_NEW}, device='cpu', progress=False)\n"
-        "print(json.dumps([r.rows, r.failed, ray.is_initialized()]))\n"
-    )
+    # a fresh process, through the CLI: "local" starts its own cluster and stops it afterwards
     out = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "rabbitllm.cli", "batch", str(source), "-o", str(out)]
+    command += ["--ray", "local", "--ray-cpus-per-worker", "1", "--model", str(tiny_model_dir)]
+    command += ["--max-new-tokens", str(MAX_NEW), "--device", "cpu"]
     done = subprocess.run(
-        [sys.executable, "-c", script, str(source), str(out), str(tiny_model_dir)],
+        command,
         capture_output=True,
         text=True,
         timeout=240,
         env={**os.environ, "RAY_ADDRESS": ""},
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.splitlines()[-1]) == [1, 0, False]
+    assert "1 requests" in done.stderr and "on 1 Ray worker(s)" in done.stderr
+    assert "Traceback" not in done.stderr
     expected = predictor(pa.table({"request": [source.read_bytes().strip()], "line": [1]}))
     assert rows_of(out)[0]["text"] == expected.to_pylist()[0]["text"]
 

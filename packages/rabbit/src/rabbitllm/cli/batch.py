@@ -12,6 +12,10 @@ model's generation_config.json fills what neither sets; a max_tokens that no lin
 to fit the context, where a line's own is refused. --prompt-lookup and --draft-model verify drafts
 in the shared pass, for the greedy requests.
 
+--ray ADDRESS runs the same job on Ray Data (rabbitllm.ray, docs/scale-out.md): IN and OUT may
+then be JSONL or Parquet anywhere fsspec reaches, each actor loads the model once, and OUT is
+written whole at the end.
+
 Output: one line per input line, in input order: {"id", "text", "finish_reason", "usage"}, or
 {"id", "error": {"message", "line", "param"}} for a line that cannot run (the exit status is then
 non-zero, with a summary on stderr). Duplicate ids in the input are refused before anything runs.
@@ -86,6 +90,30 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_BATCH,
         metavar="N",
         help=f"requests sharing each weight pass (default: {DEFAULT_MAX_BATCH})",
+    )
+    ray = p.add_argument_group('on a Ray cluster (pip install "rabbitllm[ray]"; docs/scale-out.md)')
+    ray.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default=None,
+        help="run the job on Ray Data: 'local' (a cluster started for the run), 'auto' (the "
+        "running one) or a cluster address; IN and OUT may then be JSONL or Parquet on any "
+        "fsspec location (s3://...); OUT is written whole at the end (not resumable)",
+    )
+    ray.add_argument(
+        "--ray-workers",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="actors, each loading the model once (default: 1)",
+    )
+    ray.add_argument(
+        "--ray-cpus-per-worker",
+        type=float,
+        default=None,
+        metavar="N",
+        help="CPUs each actor asks for (default: a local cluster's CPUs shared among the "
+        "actors, else 1)",
     )
     add_sampling_options(p, max_new_tokens=FALLBACK_MAX_NEW_TOKENS)
     add_speculative_options(p)
@@ -333,6 +361,8 @@ def run_lines(
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    if args.ray is not None:
+        return run_on_ray(args, console)
     in_path, out_path = Path(args.input), Path(args.output)
     if out_path.exists() and in_path.exists() and out_path.resolve() == in_path.resolve():
         raise UsageError(f"-o {out_path} is the input file; write the results to another file")
@@ -422,6 +452,39 @@ def _passes(model: Any) -> int | None:
     """The streamer's count of passes through the layers (None for a model without one)."""
     stats = getattr(model, "streamer_stats", None)
     return stats.get("passes") if isinstance(stats, dict) else None
+
+
+def run_on_ray(args: argparse.Namespace, console: Console) -> int:
+    """The same job on Ray Data (rabbitllm.ray): each actor loads the model and runs its blocks'
+    rows through its own batch scheduler; the output equals a single-process run's."""
+    if args.draft_model:
+        raise UsageError("--draft-model does not run with --ray (--prompt-lookup does)")
+    from rabbitllm.ray import options_from_cli, run_batch_job
+
+    runtime_options(args)  # a bad flag fails here, before a cluster starts
+    spec = model_spec(args, progress=not console.quiet)
+    result = run_batch_job(
+        args.input,
+        args.output,
+        address=args.ray,
+        concurrency=args.ray_workers,
+        num_cpus_per_worker=args.ray_cpus_per_worker,
+        progress=not console.quiet,
+        **options_from_cli(args, spec),
+    )
+    rate = result.completion_tokens / result.seconds if result.seconds > 0 else 0.0
+    console.note(
+        f"[{result.rows - result.failed} requests, {result.completion_tokens} tokens in "
+        f"{result.seconds:.1f} s, {rate:.2f} tokens/s on {args.ray_workers} Ray worker(s); "
+        f"results in {result.output}]"
+    )
+    if not result.failed:
+        return 0
+    console.error(
+        f"{result.failed} of {result.rows} input rows could not run; their rows in "
+        f"{result.output} carry the error; first: {result.first_error}"
+    )
+    return EXIT_USAGE
 
 
 def _summary(console: Console, totals: Totals, total: int, skipped: int, out_path: Path) -> int:
