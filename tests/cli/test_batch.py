@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from rabbitllm.cli.batch import command_config, read_input
+from rabbitllm.cli.batch import read_input
 from rabbitllm.cli.batch_output import OutputFile, output_lock
 from rabbitllm.cli.errors import UsageError
-from rabbitllm.request_lines import parse_line
+from rabbitllm.request_lines import command_config, parse_line
 from tests.cli.conftest import finish, rabbit_command, run_rabbit, start_rabbit
 
 
@@ -126,7 +126,8 @@ def test_a_failed_step_stops_the_run_and_keeps_the_finished_rows(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rabbit_engine.batching.scheduler import BatchScheduler
-    from rabbitllm.cli.batch import Progress, Sampler, Totals, run_lines
+    from rabbitllm.cli.batch import Progress, Totals, run_lines
+    from rabbitllm.request_lines import Sampler
 
     config = LlamaConfig(
         vocab_size=10, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

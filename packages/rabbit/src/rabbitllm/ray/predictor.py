@@ -4,7 +4,7 @@ Each actor constructs it once: the model (streamed, with the usual `from_pretrai
 tokenizer and one `BatchScheduler`. A call submits every row of its batch to that scheduler before
 waiting for any, so the rows share each streamed pass through the weights (a pass costs about the
 same for one sequence as for sixteen). Rows are read exactly as `rabbit batch` reads its lines
-(`rabbitllm.request_lines.parse_line`, `rabbitllm.cli.batch.Sampler`), so the same row gets the
+(`rabbitllm.request_lines`: `parse_line`, `Sampler`), so the same row gets the
 same checks, the same defaults and, greedy, the same text.
 
 A row that cannot run (no prompt, a field of the wrong type, a prompt longer than the context)
@@ -93,16 +93,14 @@ class RabbitLLMPredictor:
         prompt_lookup: int = 0,
         **streaming_options: Any,
     ) -> None:
-        import argparse
-
         import torch
 
         from rabbit_engine.batching.scheduler import BatchScheduler
         from rabbit_store import open_source
         from rabbitllm import AutoModel
-        from rabbitllm.cli.batch import Sampler
         from rabbitllm.cli.loading import load_tokenizer
         from rabbitllm.openai_requests import eos_token_ids
+        from rabbitllm.request_lines import Sampler, SamplingDefaults
 
         started = time.perf_counter()
         # Ray Data may run two calls at once on one actor (run_batch_job does, so that the next
@@ -133,7 +131,7 @@ class RabbitLLMPredictor:
             eos_token_ids=eos_token_ids(self.tokenizer, self.model.generation_config),
             tokenizer=self.tokenizer,
         )
-        defaults = argparse.Namespace(
+        defaults = SamplingDefaults(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -156,9 +154,8 @@ class RabbitLLMPredictor:
     def __call__(self, batch: Any) -> pa.Table:
         """One output row per input row, in order; every runnable row in the same scheduler."""
         from rabbit_store.errors import RabbitError
-        from rabbitllm.cli.batch import Job
         from rabbitllm.openai_requests import final_text
-        from rabbitllm.request_lines import LineError
+        from rabbitllm.request_lines import Job, LineError
 
         # every row is checked and tokenized first, then all are submitted in one go: rows that
         # reach the scheduler together join the same pass
