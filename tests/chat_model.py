@@ -11,7 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def build_tiny_chat_model(path: Path, *, context: int = 2048) -> Path:
+def build_tiny_chat_model(
+    path: Path,
+    *,
+    context: int = 2048,
+    vocab_extra: int = 0,
+    generation_config: dict | None = None,
+) -> Path:
+    """`vocab_extra` widens the vocabulary (a model that cannot share the tokenizer's ids; its
+    directory then has no tokenizer); `generation_config` adds fields to generation_config.json."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -21,7 +29,7 @@ def build_tiny_chat_model(path: Path, *, context: int = 2048) -> Path:
     gguf = locate_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=len(tokenizer) + vocab_extra,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -42,6 +50,8 @@ def build_tiny_chat_model(path: Path, *, context: int = 2048) -> Path:
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
+        **(generation_config or {}),
     ).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    if not vocab_extra:
+        tokenizer.save_pretrained(path)
     return path

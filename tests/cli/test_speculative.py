@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.chat_model import build_tiny_chat_model
 from tests.cli.conftest import finish, run_rabbit, start_rabbit
 
 SPEED = re.compile(
@@ -38,45 +39,10 @@ def tokens_and_passes(stderr: str) -> tuple[int, int]:
 def save_tiny_llama(
     path: Path, *, vocab_extra: int = 0, generation_config: dict | None = None
 ) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer and chat template (read from the GGUF file
-    the default model is built from, without building it); `vocab_extra` widens its vocabulary
-    (a model that cannot share the tokenizer's ids); `generation_config` adds fields to its
-    generation_config.json."""
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    from rabbitllm.default_model import locate_gguf
-    from tests.models.families import _reinit_
-
-    gguf = locate_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer) + vocab_extra,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+    """tests/chat_model.py's tiny Llama with SmolLM2's tokenizer, with a 1024-token context."""
+    return build_tiny_chat_model(
+        path, context=1024, vocab_extra=vocab_extra, generation_config=generation_config
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    _reinit_(model, seed=0)
-    model.save_pretrained(path)
-    GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-        **(generation_config or {}),
-    ).save_pretrained(path)
-    if not vocab_extra:
-        tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

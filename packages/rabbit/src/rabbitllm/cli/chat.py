@@ -34,7 +34,7 @@ from rabbitllm.cli.generation import (
     add_sampling_options,
     add_speculative_options,
     apply_seed,
-    load_draft_model,
+    draft_from,
     make_streamer,
     note_speed,
     note_stop,
@@ -209,15 +209,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     interactive = sys.stdin is not None and sys.stdin.isatty()
     try:
         sampling = sampling_from(args, model, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
-        draft = None
-        if args.draft_model:
-            draft = load_draft_model(
-                args.draft_model,
-                model,
-                tokenizer,
-                token=spec.token,
-                trust_remote_code=runtime.trust_remote_code,
-            )
+        draft = draft_from(args, model, tokenizer, spec, runtime)
         if interactive:
             with contextlib.suppress(ImportError):
                 import readline  # noqa: F401  (line editing and history for input())

@@ -28,7 +28,7 @@ from rabbitllm.cli.generation import (
     add_sampling_options,
     add_speculative_options,
     apply_seed,
-    load_draft_model,
+    draft_from,
     make_streamer,
     note_speed,
     note_stop,
@@ -121,15 +121,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     model = load_model(spec, runtime)
     try:
         params = sampling_from(args, model, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
-        draft = None
-        if args.draft_model:
-            draft = load_draft_model(
-                args.draft_model,
-                model,
-                tokenizer,
-                token=spec.token,
-                trust_remote_code=runtime.trust_remote_code,
-            )
+        draft = draft_from(args, model, tokenizer, spec, runtime)
         call = GenerateCall(params, draft)
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
         prompt_length = int(inputs["input_ids"].shape[-1])

@@ -209,22 +209,28 @@ def load_draft_model(
     return draft.to(model.device).eval()
 
 
-def scheduler_draft(args: argparse.Namespace, model: Any, tokenizer: Any, spec: Any, runtime: Any):
-    """`--draft-model` for the batch scheduler (`rabbit serve`, `rabbit batch`): the same checked
-    resident model `generate` uses, proposing for every greedy request in the shared pass."""
+def draft_from(args: argparse.Namespace, model: Any, tokenizer: Any, spec: Any, runtime: Any):
+    """The `--draft-model` of a command (checked, resident), or None without the flag."""
     if not getattr(args, "draft_model", None):
+        return None
+    return load_draft_model(
+        args.draft_model,
+        model,
+        tokenizer,
+        token=spec.token,
+        trust_remote_code=runtime.trust_remote_code,
+    )
+
+
+def scheduler_draft(args: argparse.Namespace, model: Any, tokenizer: Any, spec: Any, runtime: Any):
+    """`--draft-model` for the batch scheduler (`rabbit serve`, `rabbit batch`): the model
+    `generate` uses, proposing for every greedy request in the shared pass."""
+    draft = draft_from(args, model, tokenizer, spec, runtime)
+    if draft is None:
         return None
     from rabbit_engine.batching.draft import DraftModel
 
-    return DraftModel(
-        load_draft_model(
-            args.draft_model,
-            model,
-            tokenizer,
-            token=spec.token,
-            trust_remote_code=runtime.trust_remote_code,
-        )
-    )
+    return DraftModel(draft)
 
 
 def make_streamer(tokenizer: Any, console: Console) -> Any:
